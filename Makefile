@@ -1,0 +1,46 @@
+# The two commands: `make demo` and `make test`. Both do all set-up on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+DEMO_OUT ?= runs/demo
+
+.PHONY: demo test test-slow lint typecheck bench broker clean setup
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	@touch $@
+
+# The MQTT broker that telemetry tests talk to (Debian's mosquitto, installed when missing).
+broker:
+	@command -v mosquitto >/dev/null 2>&1 || command -v /usr/sbin/mosquitto >/dev/null 2>&1 || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; }
+
+demo: $(STAMP)
+	$(PY) -m demuon demo --out $(DEMO_OUT)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check demuon tests bench
+	$(VENV)/bin/ruff format --check demuon tests bench
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+test: $(STAMP) broker lint typecheck
+	$(PY) -m pytest -q -p no:cacheprovider
+
+test-slow: $(STAMP) broker
+	$(PY) -m pytest -q -p no:cacheprovider -m slow
+
+bench: $(STAMP)
+	$(PY) bench/algorithms.py
+	$(PY) bench/wire.py
+	$(PY) bench/cluster.py
+
+clean:
+	rm -rf $(VENV) runs .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,3 @@
+from demuon.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,398 @@
+"""Settings: the one source of configuration (layer 1).
+
+Every setting lives in a frozen pydantic model. A TOML file (``configs/*.toml``) is read into
+:class:`Config`; ``--set key.sub=value`` overrides and ``DEMUON__SECTION__KEY=value`` environment
+variables are applied on top (environment wins over the file, ``--set`` wins over both). A bad
+value fails at load time with a :class:`~demuon.errors.ConfigError` naming the field and value.
+
+Algorithms, schedules, codecs and workloads are chosen by discriminated unions (``kind = ...`` /
+``name = ...``), never by import strings (the ``custom`` workload names a ``module:function``
+factory explicitly, which is the one place user code is plugged in).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from demuon.errors import ConfigError
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# ----------------------------------------------------------------------------------- topology
+
+TopologyName = Literal[
+    "complete",
+    "ring",
+    "torus",
+    "hypercube",
+    "exponential",
+    "directed_exponential",
+    "one_peer_exponential",
+    "erdos_renyi",
+    "random_geometric",
+    "star",
+    "edge_list",
+]
+
+
+class TopologyConfig(Frozen):
+    """Who talks to whom. ``weights`` ``None`` means the topology's canonical weights
+    (ALGORITHMS.md §6: ring → Metropolis 1/3, hypercube → 1/(d+1), directed_exponential → DeMuon
+    code, ...)."""
+
+    name: TopologyName = "ring"
+    weights: Literal["metropolis", "max_degree", "lazy_metropolis", "lazy_max_degree"] | None = None
+    p: float | None = Field(default=None, gt=0.0, le=1.0, description="erdos_renyi edge probability")
+    radius: float | None = Field(default=None, gt=0.0, description="random_geometric radius")
+    seed: int = 0
+    rows: int | None = Field(default=None, ge=1, description="torus rows (cols = n / rows)")
+    edges_file: Path | None = None
+
+
+# --------------------------------------------------------------------------------- schedules
+
+
+class ConstantSchedule(Frozen):
+    kind: Literal["constant"] = "constant"
+
+
+class InvSqrtSchedule(Frozen):
+    """η_k = η / √(k+1)."""
+
+    kind: Literal["inv_sqrt"] = "inv_sqrt"
+
+
+class LinearSchedule(Frozen):
+    """η_k = η (1 − k/K), K = total rounds (DeMuon code's "linear")."""
+
+    kind: Literal["linear"] = "linear"
+
+
+class CosineSchedule(Frozen):
+    """Linear warm-up over ``warmup`` rounds, then cosine decay to ``final_fraction`` · η."""
+
+    kind: Literal["cosine"] = "cosine"
+    warmup: int = Field(default=0, ge=0)
+    final_fraction: float = Field(default=0.0, ge=0.0, le=1.0)
+
+
+Schedule = Annotated[
+    ConstantSchedule | InvSqrtSchedule | LinearSchedule | CosineSchedule, Field(discriminator="kind")
+]
+
+
+# -------------------------------------------------------------------------------- algorithms
+
+AlgorithmName = Literal["demuon", "dsgd", "dsgd_clip", "gt_dsgd", "gt_nsgdm"]
+ALGORITHM_NAMES: tuple[str, ...] = ("demuon", "dsgd", "dsgd_clip", "gt_dsgd", "gt_nsgdm")
+
+MatrixRoute = Literal["newton_schulz", "polar_svd"]
+VectorRoute = Literal["normalize", "sign", "rms"]
+EmbeddingRoute = Literal["newton_schulz", "colnorm", "rownorm", "sign"]
+
+
+class RoutingConfig(Frozen):
+    """How DeMuon orthogonalises each kind of parameter (ALGORITHMS.md §1.5, §5.4).
+    Defaults are paper-faithful: every ≥2-D tensor through Newton–Schulz, 1-D → V/‖V‖₂, 0-D → sign."""
+
+    matrix: MatrixRoute = "newton_schulz"
+    vector: VectorRoute = "normalize"
+    embedding: EmbeddingRoute = "newton_schulz"
+    head: EmbeddingRoute = "newton_schulz"
+    embedding_names: tuple[str, ...] = ("embed", "wte", "wpe", "tok_emb", "pos_emb")
+    head_names: tuple[str, ...] = ("lm_head", "head")
+    ns_steps: int = Field(default=5, ge=1, le=20)
+    ns_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        default="auto", description="auto = bfloat16 on CUDA, float32 on CPU"
+    )
+
+
+class AlgorithmConfig(Frozen):
+    name: AlgorithmName = "demuon"
+    lr: float = Field(default=0.02, gt=0.0, description="η (peak step size)")
+    theta: float = Field(default=0.2, gt=0.0, le=1.0, description="θ: EMA weight on the new gradient")
+    schedule: Schedule = Field(default_factory=ConstantSchedule)
+    clip_scale: float = Field(default=0.1, gt=0.0, description="dsgd_clip: τ_k = clip_scale · k^clip_power")
+    clip_power: float = Field(default=0.4, ge=0.0)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+
+
+# ------------------------------------------------------------------------------------ codecs
+
+
+class IdentityCodec(Frozen):
+    kind: Literal["identity"] = "identity"
+
+
+class CastCodec(Frozen):
+    kind: Literal["cast"] = "cast"
+    dtype: Literal["bfloat16", "float16"] = "bfloat16"
+
+
+class TopKCodec(Frozen):
+    kind: Literal["topk"] = "topk"
+    ratio: float = Field(default=0.1, gt=0.0, le=1.0, description="fraction of entries kept")
+
+
+class RandKCodec(Frozen):
+    kind: Literal["randk"] = "randk"
+    ratio: float = Field(default=0.1, gt=0.0, le=1.0)
+
+
+class RankKCodec(Frozen):
+    kind: Literal["rankk"] = "rankk"
+    rank: int = Field(default=4, ge=1)
+    power_iters: int = Field(default=2, ge=0, le=10)
+
+
+class NaturalCodec(Frozen):
+    kind: Literal["natural"] = "natural"
+
+
+class Int8Codec(Frozen):
+    kind: Literal["int8"] = "int8"
+    per_row: bool = False
+
+
+CodecConfig = Annotated[
+    IdentityCodec | CastCodec | TopKCodec | RandKCodec | RankKCodec | NaturalCodec | Int8Codec,
+    Field(discriminator="kind"),
+]
+
+
+class GossipConfig(Frozen):
+    """How messages are compressed. With ``identity`` mixing is exact (Σ_j w_ij Z_j); otherwise
+    C-DeMuon Option A (ALGORITHMS.md §3.3) with consensus step ``gamma``."""
+
+    codec: CodecConfig = Field(default_factory=IdentityCodec)
+    gamma: float = Field(default=1.0, gt=0.0, le=1.0, description="γ: CHOCO consensus step")
+
+
+# --------------------------------------------------------------------------------- workloads
+
+
+class QuadraticWorkload(Frozen):
+    """Heterogeneous least squares f_i(X) = ½‖A_i X − B_i‖²/rows: a different minimiser per peer."""
+
+    kind: Literal["quadratic"] = "quadratic"
+    rows: int = Field(default=64, ge=1, description="samples per peer")
+    dim_in: int = Field(default=16, ge=1)
+    dim_out: int = Field(default=8, ge=1)
+    heterogeneity: float = Field(default=1.0, ge=0.0, description="spread of the per-peer minimisers")
+    noise: float = Field(default=0.0, ge=0.0, description="scale of additive gradient noise")
+    noise_df: float | None = Field(default=None, gt=1.0, description="Student-t dof (None = Gaussian)")
+    batch_size: int | None = Field(default=None, ge=1, description="None = full batch")
+
+
+class LogisticWorkload(Frozen):
+    kind: Literal["logistic"] = "logistic"
+    samples: int = Field(default=256, ge=1, description="samples per peer")
+    features: int = Field(default=20, ge=1)
+    classes: int = Field(default=4, ge=2)
+    heterogeneity: float = Field(default=1.0, ge=0.0)
+    batch_size: int = Field(default=32, ge=1)
+
+
+class GptWorkload(Frozen):
+    """Character-level (byte-level) GPT shaped like the DeMuon experiments, smaller by default."""
+
+    kind: Literal["gpt"] = "gpt"
+    d_model: int = Field(default=64, ge=8)
+    n_layers: int = Field(default=2, ge=1)
+    n_heads: int = Field(default=4, ge=1)
+    d_ff: int | None = Field(default=None, ge=8, description="None = 4·d_model")
+    context: int = Field(default=64, ge=2)
+    batch_size: int = Field(default=16, ge=1)
+    corpus: Path | None = Field(default=None, description="text file or folder; None = Python stdlib")
+    corpus_bytes: int = Field(default=1_000_000, ge=10_000)
+    shard: Literal["iid", "contiguous"] = "iid"
+    val_fraction: float = Field(default=0.05, gt=0.0, lt=0.5)
+    val_batches: int = Field(default=4, ge=1)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> GptWorkload:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        return self
+
+
+class CustomWorkload(Frozen):
+    kind: Literal["custom"] = "custom"
+    factory: str = Field(description="'package.module:function' returning a Workload")
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("factory")
+    @classmethod
+    def _module_colon_function(cls, v: str) -> str:
+        mod, sep, fn = v.partition(":")
+        if not sep or not mod or not fn:
+            raise ValueError(f"expected 'module:function', got {v!r}")
+        return v
+
+
+WorkloadConfig = Annotated[
+    QuadraticWorkload | LogisticWorkload | GptWorkload | CustomWorkload, Field(discriminator="kind")
+]
+
+
+# ------------------------------------------------------------------------- cluster / daemon
+
+
+class PeerEndpoint(Frozen):
+    id: int = Field(ge=0)
+    endpoint: str = Field(description="ZeroMQ endpoint the peer binds, e.g. tcp://127.0.0.1:7000")
+    public_key: str | None = Field(default=None, description="Z85 CURVE public key (security on)")
+
+
+class NetworkConfig(Frozen):
+    """Where peers listen. If ``peers`` is empty, peer i binds ``tcp://{host}:{base_port + i}``."""
+
+    host: str = "127.0.0.1"
+    base_port: int = Field(default=27300, ge=1024, le=65000)
+    peers: tuple[PeerEndpoint, ...] = ()
+    phase_timeout_s: float = Field(default=10.0, gt=0.0, description="deadline of one gossip phase")
+    down_after_misses: int = Field(default=3, ge=1, description="K consecutive misses → neighbour down")
+    start_timeout_s: float = Field(default=30.0, gt=0.0, description="wait for neighbours at start")
+    hwm: int = Field(default=1000, ge=1)
+    heartbeat_ms: int = Field(default=1000, ge=0)
+
+
+class SecurityConfig(Frozen):
+    enabled: bool = False
+    key_dir: Path | None = Field(default=None, description="folder with peer-<id>.key_secret files")
+
+
+class CheckpointConfig(Frozen):
+    dir: Path | None = None
+    every: int = Field(default=0, ge=0, description="every N rounds (0 = only on shutdown)")
+
+
+class TelemetryConfig(Frozen):
+    mqtt_host: str | None = None
+    mqtt_port: int = Field(default=1883, ge=1, le=65535)
+    topic_prefix: str = "demuon"
+
+
+# ---------------------------------------------------------------------------------- the root
+
+
+class Config(Frozen):
+    """One experiment or cluster. ``simulate`` and ``run``/``launch`` read the same file."""
+
+    peers: int = Field(default=8, ge=1, le=4096, description="N, number of peers")
+    rounds: int = Field(default=100, ge=1)
+    seed: int = 0
+    device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
+    threads: int = Field(default=1, ge=1, description="torch threads per peer")
+    eval_every: int = Field(default=10, ge=1, description="validation of the averaged model every N rounds")
+    topology: TopologyConfig = Field(default_factory=TopologyConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    gossip: GossipConfig = Field(default_factory=GossipConfig)
+    workload: WorkloadConfig = Field(default_factory=QuadraticWorkload)
+    network: NetworkConfig = Field(default_factory=NetworkConfig)
+    security: SecurityConfig = Field(default_factory=SecurityConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, v: str) -> str:
+        if v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()):
+            return v
+        raise ValueError(f"expected auto, cpu, cuda or cuda:N, got {v!r}")
+
+    @model_validator(mode="after")
+    def _endpoints_match_peers(self) -> Config:
+        if self.network.peers:
+            ids = sorted(p.id for p in self.network.peers)
+            if ids != list(range(self.peers)):
+                raise ValueError(f"network.peers ids {ids} must be exactly 0..{self.peers - 1}")
+        return self
+
+    def endpoint(self, peer: int) -> str:
+        """The endpoint peer ``peer`` binds."""
+        for p in self.network.peers:
+            if p.id == peer:
+                return p.endpoint
+        return f"tcp://{self.network.host}:{self.network.base_port + peer}"
+
+
+# ----------------------------------------------------------------------------------- loading
+
+ENV_PREFIX = "DEMUON__"
+
+
+def _parse_value(text: str) -> Any:
+    """A ``--set``/environment value: a TOML literal if it parses as one, else the raw string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _assign(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = [p for p in dotted.split(".") if p]
+    if not parts:
+        raise ConfigError(dotted, value, "empty key")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(dotted, value, f"{part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def env_overrides(environ: dict[str, str] | None = None) -> list[tuple[str, Any]]:
+    """``DEMUON__ALGORITHM__LR=0.1`` → ``("algorithm.lr", 0.1)`` (keys lower-cased)."""
+    env = os.environ if environ is None else environ
+    out = []
+    for key, text in sorted(env.items()):
+        if key.startswith(ENV_PREFIX) and len(key) > len(ENV_PREFIX):
+            dotted = key[len(ENV_PREFIX) :].lower().replace("__", ".")
+            out.append((dotted, _parse_value(text)))
+    return out
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Validate a plain dict; a failure becomes a ConfigError naming the first bad field and value."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "<root>"
+        raise ConfigError(field, err.get("input"), err["msg"]) from exc
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    environ: dict[str, str] | None = None,
+) -> Config:
+    """Read ``path`` (TOML; None = all defaults), then environment, then ``key=value`` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError("config", str(p), "no such file")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("config", str(p), f"not valid TOML: {exc}") from exc
+    for dotted, value in env_overrides(environ):
+        _assign(data, dotted, value)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ConfigError("--set", item, "expected key=value")
+        _assign(data, key.strip(), _parse_value(text.strip()))
+    return config_from_dict(data)
