@@ -31,8 +31,9 @@ VALIDATION_ROWS = 256  # held-out rows of A_val
 
 
 def least_squares_loss(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """½ ‖A Wᵀ − B‖² / rows.  W: weight (dim_out × dim_in); A: inputs; B: targets (not modified)."""
-    return 0.5 * (A @ W.T - B).square().sum() / A.shape[0]
+    """½ ‖A Wᵀ − B‖² / rows.  W: weight (dim_out × dim_in); A: inputs; B: targets (not modified).
+    The data is cast to W's dtype, so a float64 model (reference checks) gets a float64 loss."""
+    return 0.5 * (A.to(W.dtype) @ W.T - B.to(W.dtype)).square().sum() / A.shape[0]
 
 
 class LeastSquares:
