@@ -1,0 +1,248 @@
+"""The building blocks of demuon.node.optim: routing, directions, schedules, clipping, mixing."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from demuon.config import (
+    ConstantSchedule,
+    CosineSchedule,
+    InvSqrtSchedule,
+    LinearSchedule,
+    RoutingConfig,
+)
+from demuon.node import optim
+from demuon.node.newton_schulz import column_normalize, row_normalize
+
+
+def dict_of(**tensors: torch.Tensor) -> dict[str, torch.Tensor]:
+    return dict(tensors)
+
+
+# ------------------------------------------------------------------------------- routing
+
+
+@pytest.mark.parametrize(
+    ("name", "shape", "route"),
+    [
+        ("blocks.0.attn.qkv.weight", (192, 64), "newton_schulz"),
+        ("conv1.weight", (16, 3, 3, 3), "newton_schulz"),
+        ("pos_emb", (1, 128, 256), "newton_schulz"),
+        ("blocks.0.ln1.bias", (64,), "normalize"),
+        ("row_vector", (1, 64), "normalize"),
+        ("temperature", (), "sign"),
+        ("one_by_one", (1, 1), "sign"),
+    ],
+)
+def test_default_routing_is_paper_faithful(name: str, shape: tuple[int, ...], route: str) -> None:
+    assert optim.route_for(name, shape, RoutingConfig()) == route
+
+
+def test_embedding_and_head_names_take_their_own_routes() -> None:
+    routing = RoutingConfig(matrix="polar_svd", vector="rms", embedding="colnorm", head="sign")
+    assert optim.route_for("tok_emb.weight", (100, 32), routing) == "colnorm"
+    assert optim.route_for("transformer.wte.weight", (100, 32), routing) == "colnorm"
+    assert optim.route_for("lm_head.weight", (100, 32), routing) == "sign"
+    assert optim.route_for("lm_head.bias", (100,), routing) == "rms"
+    assert optim.route_for("mlp.fc.weight", (64, 32), routing) == "polar_svd"
+
+
+# ---------------------------------------------------------------------------- directions
+
+
+def test_normalize_rms_and_sign_routes_scale_the_whole_tensor() -> None:
+    V = torch.tensor([3.0, -4.0, 0.0, 0.0])
+    assert torch.allclose(optim.orthogonalize(V, "normalize"), torch.tensor([0.6, -0.8, 0.0, 0.0]))
+    assert torch.allclose(optim.orthogonalize(V, "rms"), torch.tensor([1.2, -1.6, 0.0, 0.0]))
+    assert torch.equal(optim.orthogonalize(V, "sign"), torch.tensor([1.0, -1.0, 0.0, 0.0]))
+    assert optim.orthogonalize(torch.tensor(-2.5), "sign").item() == -1.0
+
+
+@pytest.mark.parametrize("route", optim.ROUTES)
+def test_every_route_maps_zero_to_zero_and_keeps_shape_and_dtype(route: str) -> None:
+    for shape in [(6, 4), (5,), (), (4, 2, 3, 3), (1, 5, 7)]:
+        V = torch.zeros(shape)
+        out = optim.orthogonalize(V, route)
+        assert out.shape == V.shape and out.dtype == V.dtype
+        assert torch.equal(out, V)
+
+
+def test_colnorm_and_rownorm_give_unit_rms_columns_and_rows() -> None:
+    V = torch.randn(6, 4, dtype=torch.float64)
+    cols = optim.orthogonalize(V, "colnorm")
+    rows = optim.orthogonalize(V, "rownorm")
+    assert torch.allclose(cols.pow(2).mean(dim=0), torch.ones(4, dtype=torch.float64))
+    assert torch.allclose(rows.pow(2).mean(dim=1), torch.ones(6, dtype=torch.float64))
+    assert torch.equal(column_normalize(V), cols) and torch.equal(row_normalize(V), rows)
+
+
+def test_conv_kernels_are_orthogonalised_as_out_by_in_times_kernel_matrices() -> None:
+    V = torch.randn(8, 3, 3, 3, dtype=torch.float64)
+    out = optim.orthogonalize(V, "polar_svd")
+    assert out.shape == V.shape
+    assert torch.allclose(out, optim.polar_svd(V.reshape(8, 27)).reshape(8, 3, 3, 3))
+    ns = optim.orthogonalize(V.float(), "newton_schulz", ns_steps=5)
+    assert torch.allclose(ns, optim.newton_schulz(V.float().reshape(8, 27)).reshape(8, 3, 3, 3))
+
+
+def test_one_by_a_by_b_tensors_are_squeezed_to_matrices() -> None:
+    V = torch.randn(1, 16, 8)
+    assert torch.allclose(optim.orthogonalize(V, "newton_schulz"), optim.newton_schulz(V[0]).unsqueeze(0))
+
+
+def test_unknown_route_and_unknown_algorithm_are_rejected() -> None:
+    with pytest.raises(ValueError, match="route"):
+        optim.orthogonalize(torch.ones(3), "adamw")
+    with pytest.raises(ValueError, match="algorithm"):
+        optim.phases("adam")
+
+
+# ----------------------------------------------------------------------------- schedules
+
+
+def test_constant_inv_sqrt_and_linear_schedules_follow_their_formulas() -> None:
+    assert optim.learning_rate(ConstantSchedule(), 0.1, 57, 100) == 0.1
+    assert optim.learning_rate(InvSqrtSchedule(), 0.1, 0, 100) == pytest.approx(0.1)
+    assert optim.learning_rate(InvSqrtSchedule(), 0.1, 3, 100) == pytest.approx(0.05)
+    assert optim.learning_rate(LinearSchedule(), 0.1, 0, 100) == pytest.approx(0.1)
+    assert optim.learning_rate(LinearSchedule(), 0.1, 75, 100) == pytest.approx(0.025)
+    assert optim.learning_rate(LinearSchedule(), 0.1, 120, 100) == 0.0
+
+
+def test_cosine_schedule_warms_up_linearly_then_decays_to_the_final_fraction() -> None:
+    s = CosineSchedule(warmup=10, final_fraction=0.1)
+    assert optim.learning_rate(s, 1.0, 0, 110) == pytest.approx(0.1)
+    assert optim.learning_rate(s, 1.0, 9, 110) == pytest.approx(1.0)
+    assert optim.learning_rate(s, 1.0, 10, 110) == pytest.approx(1.0)
+    assert optim.learning_rate(s, 1.0, 60, 110) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert optim.learning_rate(s, 1.0, 110, 110) == pytest.approx(0.1)
+    assert optim.learning_rate(CosineSchedule(), 2.0, 50, 100) == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        optim.learning_rate(s, 1.0, -1, 110)
+
+
+# ------------------------------------------------------------------------------ clipping
+
+
+def test_clip_threshold_grows_as_k_to_the_0_4_and_round_zero_uses_k_equal_one() -> None:
+    assert optim.clip_threshold(0) == optim.clip_threshold(1) == pytest.approx(0.1)
+    assert optim.clip_threshold(32) == pytest.approx(0.1 * 32**0.4)
+    assert optim.clip_threshold(10, 2.0, 1.0) == pytest.approx(20.0)
+
+
+def test_clip_by_global_norm_scales_the_whole_model_to_the_threshold() -> None:
+    G = dict_of(a=torch.tensor([3.0, 0.0]), b=torch.tensor([[0.0, 4.0]]))  # ‖G‖ = 5
+    clipped = optim.clip_by_global_norm(G, 1.0)
+    assert torch.allclose(clipped["a"], torch.tensor([0.6, 0.0]))
+    assert torch.allclose(clipped["b"], torch.tensor([[0.0, 0.8]]))
+    unclipped = optim.clip_by_global_norm(G, 10.0)
+    assert all(torch.equal(unclipped[n], G[n]) for n in G)
+    zero = optim.clip_by_global_norm(dict_of(a=torch.zeros(3)), 1.0)
+    assert torch.equal(zero["a"], torch.zeros(3))
+
+
+def test_gt_nsgdm_direction_divides_by_the_joint_norm_and_is_zero_safe() -> None:
+    V = dict_of(a=torch.tensor([3.0]), b=torch.tensor([[4.0, 0.0]]))
+    D = optim.gt_nsgdm_direction(V)
+    assert torch.allclose(D["a"], torch.tensor([0.6])) and torch.allclose(D["b"], torch.tensor([[0.8, 0.0]]))
+    Z = optim.gt_nsgdm_direction(dict_of(a=torch.zeros(2), b=torch.zeros(1, 1)))
+    assert torch.equal(Z["a"], torch.zeros(2)) and torch.equal(Z["b"], torch.zeros(1, 1))
+
+
+# ---------------------------------------------------------------------- update equations
+
+
+def test_momentum_and_tracker_message_follow_the_paper_and_leave_inputs_alone() -> None:
+    M, G, V = torch.full((2,), 1.0), torch.full((2,), 3.0), torch.full((2,), 10.0)
+    saved = [t.clone() for t in (M, G, V)]
+    M_new = optim.momentum_update(M, G, 0.25)
+    assert torch.allclose(M_new, torch.full((2,), 1.5))
+    assert torch.allclose(optim.tracker_message(V, M_new, M), torch.full((2,), 10.5))
+    assert all(torch.equal(a, b) for a, b in zip((M, G, V), saved, strict=True))
+
+
+def test_mix_sums_in_the_given_order_and_is_bitwise_reproducible() -> None:
+    Z = [torch.randn(50, dtype=torch.float32) * 10**i for i in range(4)]
+    w = [0.4, 0.2, 0.2, 0.2]
+    terms = list(zip(w, Z, strict=True))
+    out = optim.mix(terms)
+    expected = Z[0] * w[0]
+    for wj, Zj in terms[1:]:
+        expected = expected + wj * Zj
+    assert torch.allclose(out, expected, rtol=1e-6)
+    assert torch.equal(optim.mix(terms), out)
+    assert torch.equal(optim.mix([(1.0, Z[1])]), Z[1]) and optim.mix([(1.0, Z[1])]) is not Z[1]
+    with pytest.raises(ValueError):
+        optim.mix([])
+
+
+def test_choco_mix_with_exact_replicas_and_gamma_one_equals_mix() -> None:
+    Z = [torch.randn(4, 3, dtype=torch.float64) for _ in range(3)]
+    terms = list(zip([0.5, 0.25, 0.25], Z, strict=True))
+    S = optim.mix(terms)  # replicas Ẑ_j = Z_j (identity codec)
+    assert torch.allclose(optim.choco_mix(Z[0], S, Z[0], 1.0), S, atol=1e-15)
+    half = optim.choco_mix(Z[0], S, Z[0], 0.5)
+    assert torch.allclose(half, 0.5 * Z[0] + 0.5 * S)
+
+
+def test_demuon_and_dsgd_steps_move_against_the_direction() -> None:
+    X, V = torch.zeros(3, 2, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)
+    assert torch.allclose(optim.demuon_step(X, V, 0.1, "polar_svd"), -0.1 * optim.polar_svd(V))
+    assert torch.allclose(optim.dsgd_step(X, V, 0.1), -0.1 * V)
+
+
+# -------------------------------------------------------------------- per-algorithm, dicts
+
+
+def test_phases_are_v_then_x_for_tracking_methods_and_x_for_dsgd() -> None:
+    assert optim.phases("demuon") == optim.phases("gt_dsgd") == optim.phases("gt_nsgdm") == ("V", "X")
+    assert optim.phases("dsgd") == optim.phases("dsgd_clip") == ("X",)
+
+
+def test_tracker_update_of_gt_dsgd_keeps_the_gradient_as_m() -> None:
+    M, V, G = dict_of(w=torch.ones(2)), dict_of(w=torch.full((2,), 5.0)), dict_of(w=torch.full((2,), 3.0))
+    M_new, U = optim.local_tracker_update("gt_dsgd", M, V, G, theta=0.2)
+    assert torch.equal(M_new["w"], G["w"]) and M_new["w"] is not G["w"]
+    assert torch.equal(U["w"], torch.full((2,), 7.0))
+    M_new, U = optim.local_tracker_update("demuon", M, V, G, theta=0.5)
+    assert torch.allclose(M_new["w"], torch.full((2,), 2.0)) and torch.allclose(U["w"], torch.full((2,), 6.0))
+    with pytest.raises(ValueError, match="no tracker"):
+        optim.local_tracker_update("dsgd", M, V, G, theta=0.2)
+
+
+def test_local_step_dispatches_each_algorithm_to_its_direction() -> None:
+    X = dict_of(w=torch.zeros(4, 3, dtype=torch.float64), b=torch.zeros(3, dtype=torch.float64))
+    V = dict_of(w=torch.randn(4, 3, dtype=torch.float64), b=torch.randn(3, dtype=torch.float64))
+    G = dict_of(w=30 * torch.randn(4, 3, dtype=torch.float64), b=torch.randn(3, dtype=torch.float64))
+    routes = {"w": "polar_svd", "b": "normalize"}
+    Y = optim.local_step("demuon", X, V, None, 0.5, 0, routes=routes)
+    assert torch.allclose(Y["w"], -0.5 * optim.polar_svd(V["w"]))
+    assert torch.allclose(Y["b"], -0.5 * V["b"] / V["b"].norm())
+    assert torch.allclose(optim.local_step("gt_dsgd", X, V, None, 0.5, 0)["w"], -0.5 * V["w"])
+    assert torch.allclose(optim.local_step("dsgd", X, None, G, 0.5, 0)["b"], -0.5 * G["b"])
+    joint = math.sqrt(sum(float(v.pow(2).sum()) for v in V.values()))
+    assert torch.allclose(optim.local_step("gt_nsgdm", X, V, None, 1.0, 0)["w"], -V["w"] / joint)
+    clipped = optim.local_step("dsgd_clip", X, None, G, 1.0, 32, clip_scale=0.1, clip_power=0.4)
+    assert optim.global_norm(clipped).item() == pytest.approx(0.1 * 32**0.4)
+    with pytest.raises(ValueError, match="needs G"):
+        optim.local_step("dsgd", X, V, None, 0.5, 0)
+
+
+def test_demuon_local_step_routes_unlisted_tensors_by_the_default_table() -> None:
+    X = dict_of(w=torch.zeros(16, 8), b=torch.zeros(8))
+    V = dict_of(w=torch.randn(16, 8), b=torch.randn(8))
+    Y = optim.demuon_local_step(X, V, 1.0)
+    assert torch.allclose(Y["w"], -optim.newton_schulz(V["w"]))
+    assert torch.allclose(Y["b"], -V["b"] / V["b"].norm())
+
+
+def test_mix_dicts_mixes_every_tensor_with_the_same_weights() -> None:
+    A = dict_of(w=torch.ones(2), b=torch.zeros(1))
+    B = dict_of(w=torch.full((2,), 3.0), b=torch.ones(1))
+    out = optim.mix_dicts([(0.75, A), (0.25, B)])
+    assert torch.allclose(out["w"], torch.full((2,), 1.5)) and torch.allclose(
+        out["b"], torch.full((1,), 0.25)
+    )
