@@ -174,6 +174,9 @@ class GossipConfig(Frozen):
 
     codec: CodecConfig = Field(default_factory=IdentityCodec)
     gamma: float = Field(default=1.0, gt=0.0, le=1.0, description="γ: CHOCO consensus step")
+    keyframe_every: int = Field(
+        default=50, ge=0, description="compressed only: send a full replica every N rounds (0 = never)"
+    )
 
 
 # --------------------------------------------------------------------------------- workloads
@@ -291,6 +294,9 @@ class Config(Frozen):
     rounds: int = Field(default=100, ge=1)
     seed: int = 0
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
+    dtype: Literal["float32", "float64"] = Field(
+        default="float32", description="parameter/state dtype (float64 for reference checks)"
+    )
     threads: int = Field(default=1, ge=1, description="torch threads per peer")
     eval_every: int = Field(default=10, ge=1, description="validation of the averaged model every N rounds")
     topology: TopologyConfig = Field(default_factory=TopologyConfig)
@@ -301,6 +307,10 @@ class Config(Frozen):
     security: SecurityConfig = Field(default_factory=SecurityConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+    per_algorithm: dict[AlgorithmName, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="algorithm-section overrides applied when that algorithm runs (e.g. its own lr)",
+    )
 
     @field_validator("device")
     @classmethod
@@ -316,6 +326,13 @@ class Config(Frozen):
             if ids != list(range(self.peers)):
                 raise ValueError(f"network.peers ids {ids} must be exactly 0..{self.peers - 1}")
         return self
+
+    def for_algorithm(self, name: str) -> Config:
+        """This config with ``algorithm.name = name`` and that algorithm's ``per_algorithm`` overrides."""
+        section = {**self.algorithm.model_dump(), **self.per_algorithm.get(name, {}), "name": name}  # type: ignore[call-overload]
+        data = self.model_dump()
+        data["algorithm"] = section
+        return config_from_dict(data)
 
     def endpoint(self, peer: int) -> str:
         """The endpoint peer ``peer`` binds."""

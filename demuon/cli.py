@@ -1,0 +1,162 @@
+"""Command line: ``demuon simulate | demo | keys generate | run | launch | report``.
+
+Only this module (and the other composition roots) reads configuration and picks concrete classes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from demuon.config import ALGORITHM_NAMES, Config, load_config
+from demuon.errors import DemuonError
+
+console = Console(stderr=True)
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_CONFIG = ROOT / "configs" / "demo-simulate.toml"
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+def _algorithms(arg: str | None, config: Config) -> list[str]:
+    if not arg:
+        return [config.algorithm.name]
+    names = [a.strip() for a in arg.split(",") if a.strip()]
+    bad = [a for a in names if a not in ALGORITHM_NAMES]
+    if bad:
+        raise DemuonError(f"--algorithms: unknown {bad}; choose from {', '.join(ALGORITHM_NAMES)}")
+    return names
+
+
+def simulate_many(config: Config, algorithms: Sequence[str], out: Path | None) -> dict[str, Any]:
+    """Run each algorithm on the same config (with its ``per_algorithm`` overrides), side by side."""
+    from demuon import plots, simulate
+
+    runs: dict[str, Any] = {}
+    with _progress() as bar:
+        for name in algorithms:
+            cfg = config.for_algorithm(name)
+            task = bar.add_task(name, total=cfg.rounds, loss="…")
+
+            def hook(k: int, row: Mapping[str, Any], task: Any = task) -> None:
+                bar.update(task, completed=k + 1, loss=f"{row['train_loss']:.4f}")
+
+            sub = (out / name) if out and len(algorithms) > 1 else out
+            runs[name] = simulate.run(cfg, out=sub, progress=hook)
+    if out:
+        title = f"{config.peers} peers, {config.topology.name}, {config.workload.kind}"
+        plots.plot_runs({n: r.rows for n, r in runs.items()}, out / "plot.png", title)
+    return runs
+
+
+def print_run_table(runs: dict[str, Any]) -> None:
+    table = Table(title="results (simulator)")
+    for col in (
+        "algorithm",
+        "lr",
+        "final train loss",
+        "val loss (average model)",
+        "consensus error",
+        "MB sent",
+    ):
+        table.add_column(col, justify="right")
+    for name, r in runs.items():
+        last = r.rows[-1]
+        table.add_row(
+            name,
+            f"{r.config.algorithm.lr:g}",
+            f"{last['train_loss']:.4f}",
+            f"{r.summary['average']['validation_loss']:.4f}",
+            f"{last['consensus_error']:.3g}",
+            f"{sum(row['bytes'] for row in r.rows) / 1e6:.1f}",
+        )
+    Console().print(table)
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.set)
+    out = Path(args.out) if args.out else None
+    runs = simulate_many(config, _algorithms(args.algorithms, config), out)
+    print_run_table(runs)
+    if out:
+        console.print(f"wrote {out}/ (metrics.jsonl, summary.json, plot.png)")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    config = load_config(DEMO_CONFIG, args.set)
+    out = Path(args.out)
+    console.print(
+        f"demo: {config.peers} simulated peers on a {config.topology.name}, {config.workload.kind} workload"
+    )
+    runs = simulate_many(config, ["demuon", "dsgd", "gt_nsgdm"], out)
+    print_run_table(runs)
+    console.print(f"plot: {out / 'plot.png'}")
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from demuon.transport.security import generate_keys
+
+    ids = list(range(args.peers))
+    paths = generate_keys(Path(args.dir), ids)
+    console.print(f"wrote CURVE keypairs for peers {ids[0]}..{ids[-1]} in {args.dir} ({len(paths)} peers)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="demuon", description="peer-to-peer decentralized Muon training")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("simulate", help="N peers in one process with exact mixing")
+    s.add_argument("--config", type=Path, help="TOML experiment file (default: built-in defaults)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
+    s.add_argument("--out", type=Path, help="folder for metrics.jsonl, summary.json, plot.png")
+    s.add_argument("--algorithms", help=f"comma-separated, side by side ({','.join(ALGORITHM_NAMES)})")
+    s.set_defaults(func=cmd_simulate)
+
+    d = sub.add_parser("demo", help="the default demonstration (what `make demo` runs)")
+    d.add_argument("--out", type=Path, default=Path("runs/demo"))
+    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    d.set_defaults(func=cmd_demo)
+
+    k = sub.add_parser("keys", help="CURVE key management")
+    ksub = k.add_subparsers(dest="keys_command", required=True)
+    kg = ksub.add_parser("generate", help="write one CURVE keypair per peer into DIR")
+    kg.add_argument("dir", type=Path)
+    kg.add_argument("--peers", type=int, default=8, help="number of peers (ids 0..N-1)")
+    kg.set_defaults(func=cmd_keys)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except DemuonError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 2
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

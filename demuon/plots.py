@@ -1,0 +1,72 @@
+"""PNG plots of runs (matplotlib, headless Agg backend)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+PANELS: tuple[tuple[str, str, bool], ...] = (
+    ("train_loss", "mean train loss", False),
+    ("val_loss", "validation loss of the averaged model", False),
+    ("consensus_error", "consensus error", True),
+    ("bytes", "payload bytes sent per round (all peers)", True),
+)
+
+
+def _series(rows: Sequence[Mapping[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    xs, ys = [], []
+    for r in rows:
+        v = r.get(key)
+        if isinstance(v, int | float) and v == v:
+            xs.append(float(r["round"]))
+            ys.append(float(v))
+    return xs, ys
+
+
+def plot_runs(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path, title: str) -> Path:
+    """One figure, four panels (train loss, validation loss, consensus error, bytes), one line per run."""
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    for ax, (key, label, log) in zip(axes.flat, PANELS, strict=True):
+        for name, rows in runs.items():
+            xs, ys = _series(rows, key)
+            if xs:
+                ax.plot(xs, ys, label=name, marker="o" if key == "val_loss" else None, markersize=3)
+        ax.set_title(label)
+        ax.set_xlabel("round")
+        if log and any(_series(rows, key)[1] for rows in runs.values()):
+            ax.set_yscale(
+                "symlog" if key == "consensus_error" else "log",
+                **({"linthresh": 1e-6} if key == "consensus_error" else {}),
+            )
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_peer_losses(per_peer: Mapping[int, Sequence[Mapping[str, Any]]], path: Path, title: str) -> Path:
+    """Train loss of every peer (daemon runs: one metrics file per peer)."""
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for peer, rows in sorted(per_peer.items()):
+        xs, ys = _series(rows, "train_loss")
+        ax.plot(xs, ys, label=f"peer {peer}", linewidth=1)
+    ax.set_xlabel("round")
+    ax.set_ylabel("train loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
