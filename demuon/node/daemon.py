@@ -1,0 +1,402 @@
+"""One peer as a long-running process: the round loop over a real transport (layer 6).
+
+:class:`Daemon` owns one :class:`asyncio.TaskGroup` with
+
+* the **receive** task: ``transport.recv()`` → :meth:`Gossip.deliver` (the mailbox), always
+  draining the socket, also while the round loop computes;
+* the **training** task: the rounds (DESIGN.md §4); gradient, ``message()`` and ``mix()`` run in
+  one worker thread (the daemon's own single-thread executor) so the loop keeps receiving. That
+  thread calls ``torch.set_num_threads(config.threads)`` first: the intra-op thread count is
+  per OS thread under OpenMP, and a worker left at the default computes backward passes with a
+  different reduction order (results then differ from the simulator's in the last bits);
+* the **control** task: hands each round's row to the ``on_round`` hook (a bounded queue: a slow
+  hook never blocks a round; the oldest rows are dropped and counted);
+* any **services** the composition root passes (e.g. telemetry: ``run()`` then ``close()``).
+
+Stop and pause come from a :class:`Control` (``stop``/``paused`` events, e.g. MQTT telemetry) and
+from SIGTERM/SIGINT: the current round finishes, a checkpoint is written, the transport closes and
+the process exits 0. A second signal aborts the round at once (no checkpoint; the last periodic
+one stays). Lifecycle: ``NEW → STARTING → RUNNING → STOPPING → STOPPED`` (or ``FAILED``).
+
+Per-round row (``metrics.jsonl``): ``round, train_loss, lr, bytes_out, bytes_in, received``
+(messages used), ``missing`` (senders missing in any phase), ``late, stale_dropped, duplicates,
+ahead_dropped, rejected`` (mailbox/wire drops this round), ``down`` (neighbours down after the
+round), ``keyframe, resends``, times ``t_compute`` (gradient), ``t_encode`` (local step + encode),
+``t_wait`` (send + wait, summed over phases), ``t_wait_max`` and ``deadline_s`` (longest single
+phase wait and the longest deadline that applied), ``t_mix, t_round``, ``local_disagreement``
+(‖Y_i − mix(Y)‖ over all parameters in phase X, a consensus proxy one peer can compute), and for
+tracking algorithms on models under :data:`SUMS_MAX_PARAMS` parameters ``sum_V``/``sum_M``: the
+float64 sum of each tensor of V and M after the round (the cluster-wide sums check the tracking
+invariant mean V = mean M).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import functools
+import inspect
+import io
+import json
+import logging
+import math
+import signal
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import torch
+
+from demuon import results
+from demuon.config import Config
+from demuon.errors import TransportError
+from demuon.node.checkpoint import save_checkpoint
+from demuon.node.gossip import ExchangeStats, Gossip, Inbound
+from demuon.node.peer import MixReport, Peer
+from demuon.transport.base import Transport
+
+#: Models with fewer parameters log per-tensor sums of V and M every round (cheap at that size).
+SUMS_MAX_PARAMS = 100_000
+#: Rows waiting for the ``on_round`` hook before the oldest is dropped.
+ROW_QUEUE = 64
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R")
+RoundHook = Callable[[Mapping[str, Any]], object]
+
+
+class DaemonStatus(enum.Enum):
+    NEW = "new"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+class Control(Protocol):
+    """Remote or local steering, read between rounds (``demuon.node.telemetry.Telemetry`` is one)."""
+
+    paused: asyncio.Event
+    stop: asyncio.Event
+
+    async def wait_while_paused(self) -> None: ...
+
+    def apply(self, command: str) -> None: ...
+
+
+class Service(Protocol):
+    """A helper the daemon runs in its TaskGroup: ``run()`` until ``close()`` is called."""
+
+    async def run(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class LocalControl:
+    """The default :class:`Control`: ``apply("pause" | "resume" | "stop")`` from this process."""
+
+    def __init__(self) -> None:
+        self.paused = asyncio.Event()
+        self.stop = asyncio.Event()
+        self._running = asyncio.Event()
+        self._running.set()
+
+    def apply(self, command: str) -> None:
+        if command == "pause" and not self.stop.is_set():
+            self.paused.set()
+            self._running.clear()
+        elif command in ("resume", "stop"):
+            if command == "stop":
+                self.stop.set()
+            self.paused.clear()
+            self._running.set()
+
+    async def wait_while_paused(self) -> None:
+        await self._running.wait()
+
+
+def _sums(tensors: Mapping[str, torch.Tensor]) -> list[float]:
+    return [float(t.detach().double().sum()) for t in tensors.values()]
+
+
+class Daemon:
+    """Runs peer ``peer`` from ``start_round`` to ``config.rounds − 1`` over ``transport``."""
+
+    def __init__(
+        self,
+        peer: Peer,
+        config: Config,
+        gossip: Gossip,
+        transport: Transport[Inbound],
+        *,
+        out: Path,
+        checkpoint_dir: Path,
+        start_round: int = 0,
+        resumed: bool = False,
+        on_round: RoundHook | None = None,
+        control: Control | None = None,
+        services: Sequence[Service] = (),
+        handle_signals: bool = True,
+    ) -> None:
+        self.peer = peer
+        self.config = config
+        self.gossip = gossip
+        self.transport = transport
+        self.out = out
+        self.checkpoint_dir = checkpoint_dir
+        self.start_round = start_round
+        self.resumed = resumed
+        self.on_round = on_round
+        self.control: Control = control if control is not None else LocalControl()
+        self.services = tuple(services)
+        self.handle_signals = handle_signals
+        self.status = DaemonStatus.NEW
+        self.last_completed: int | None = start_round - 1 if resumed else None
+        self.rows_dropped = 0
+        self.aborted = False
+        self._executor = ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix=f"peer{peer.index}-compute",
+            initializer=torch.set_num_threads,
+            initargs=(config.threads,),
+        )
+        self._rows: asyncio.Queue[Mapping[str, Any] | None] = asyncio.Queue(ROW_QUEUE)
+        self._train_task: asyncio.Task[None] | None = None
+        self._rejected_seen: Counter[str] = Counter()
+        self._metrics: results.MetricsWriter | None = None
+        self._log_sums = "V" in peer.phases and sum(p.numel() for p in peer.params.values()) < SUMS_MAX_PARAMS
+        self._closed = False
+        self._signalled = False
+
+    @property
+    def completed(self) -> bool:
+        return self.last_completed == self.config.rounds - 1
+
+    # ------------------------------------------------------------------ lifecycle
+    async def run(self) -> DaemonStatus:
+        """Run to the end (or a stop). Returns STOPPED or FAILED; never raises for a run failure."""
+        if self.status is not DaemonStatus.NEW:
+            raise RuntimeError(f"a daemon runs once (status {self.status.name})")
+        self.status = DaemonStatus.STARTING
+        loop = asyncio.get_running_loop()
+        signals = (signal.SIGTERM, signal.SIGINT) if self.handle_signals else ()
+        for sig in signals:
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        try:
+            self._metrics = results.MetricsWriter(self.out / "metrics.jsonl")
+            await self.transport.start()
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._receive(), name="receive")
+                tg.create_task(self._control(), name="control")
+                for service in self.services:
+                    tg.create_task(service.run(), name=f"service-{type(service).__name__}")
+                self._train_task = tg.create_task(self._train(), name="train")
+        except* Exception as group:
+            for exc in group.exceptions:
+                log.error("peer failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
+            self.status = DaemonStatus.FAILED
+        finally:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+            await self.close()
+        if self.aborted:
+            self.status = DaemonStatus.FAILED
+        elif self.status is not DaemonStatus.FAILED:
+            self.status = DaemonStatus.STOPPED
+        log.info("peer %s after round %s", self.status.name.lower(), self.last_completed)
+        return self.status
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        if self._signalled:
+            log.warning("%s again: aborting the current round without a checkpoint", sig.name)
+            self.aborted = True
+            if self._train_task is not None:
+                self._train_task.cancel()
+            return
+        log.info("%s: stopping after the current round", sig.name)
+        self._signalled = True
+        self.control.apply("stop")
+
+    async def close(self) -> None:
+        """Close the transport, the services and the metrics file. Idempotent, never hangs."""
+        if self._closed:
+            return
+        self._closed = True
+        for service in self.services:
+            service.close()
+        await self.transport.close()
+        if self._metrics is not None:
+            self._metrics.close()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _compute(self, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
+        """Run ``fn`` on the compute thread (the event loop keeps receiving meanwhile)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+
+    # ------------------------------------------------------------------ tasks
+    async def _receive(self) -> None:
+        while True:
+            try:
+                item = await self.transport.recv()
+            except TransportError:
+                if self._closed or self.status is DaemonStatus.STOPPING:
+                    return
+                raise
+            self.gossip.deliver(item)
+
+    async def _control(self) -> None:
+        while (row := await self._rows.get()) is not None:
+            if self.on_round is None:
+                continue
+            try:
+                result = self.on_round(row)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception as exc:  # a broken hook never stops training
+                log.warning("on_round hook failed: %s: %s", type(exc).__name__, exc)
+
+    def _queue_row(self, row: Mapping[str, Any] | None) -> None:
+        if self._rows.full():
+            self._rows.get_nowait()
+            self.rows_dropped += 1
+        self._rows.put_nowait(row)
+
+    async def _train(self) -> None:
+        try:
+            await self._wait_ready()
+            self.status = DaemonStatus.RUNNING
+            every = self.config.checkpoint.every
+            for k in range(self.start_round, self.config.rounds):
+                await self.control.wait_while_paused()
+                if self.control.stop.is_set():
+                    log.info("stop requested: leaving before round %d", k)
+                    break
+                row = await self._round(k)
+                self.last_completed = k
+                assert self._metrics is not None
+                self._metrics.write(row)
+                self._queue_row(row)
+                if every and (k + 1) % every == 0 and k != self.config.rounds - 1:
+                    await self._compute(save_checkpoint, self.checkpoint_dir, self.peer, self.config)
+            self.status = DaemonStatus.STOPPING
+            await self._finish()
+        finally:
+            self.status = DaemonStatus.STOPPING
+            self._queue_row(None)
+            await self.close()
+
+    async def _wait_ready(self) -> None:
+        """Start-up: wait (up to ``network.start_timeout_s``) for links to every recipient, so the
+        first messages are not dropped by a connection still in progress."""
+        net = self.config.network
+        targets = sorted({j for k in range(len(self.peer.views)) for j in self.peer.recipients(k)})
+        wait_ready = getattr(self.transport, "wait_ready", None)
+        start = time.perf_counter()
+        if wait_ready is not None and targets:
+            ok = await wait_ready(targets, net.start_timeout_s)
+            log.info(
+                "links to %s %s after %.2fs",
+                targets,
+                "up" if ok else "NOT all up",
+                time.perf_counter() - start,
+            )
+        left = net.start_timeout_s - (time.perf_counter() - start)
+        self.gossip.first_timeout_s = max(net.phase_timeout_s, left)
+
+    async def _finish(self) -> None:
+        if self.last_completed is not None:
+            path = await self._compute(save_checkpoint, self.checkpoint_dir, self.peer, self.config)
+            log.info("checkpoint of round %d written to %s", self.last_completed, path)
+        if self.completed:
+            await self._compute(self._write_final)
+
+    def _write_final(self) -> None:
+        assert self.last_completed is not None
+        loss = self.peer.last_loss
+        entry = results.peer_entry(self.peer.index, self.last_completed, loss, self.peer.fingerprint())
+        if not math.isfinite(loss):
+            entry["final_train_loss"] = None  # JSON has no NaN
+        results.atomic_write_bytes(self.out / "final.json", (json.dumps(entry, indent=2) + "\n").encode())
+        buf = io.BytesIO()
+        torch.save({n: p.detach().cpu().clone() for n, p in self.peer.params.items()}, buf)
+        results.atomic_write_bytes(self.out / "final.pt", buf.getvalue())
+
+    # ------------------------------------------------------------------ one round
+    def _keyframe(self, k: int) -> bool:
+        if self.peer.exact:
+            return False
+        every = self.config.gossip.keyframe_every
+        return (self.resumed and k == self.start_round) or (every > 0 and k > 0 and k % every == 0)
+
+    def _mix(
+        self, phase: str, k: int, received: dict[int, dict[str, torch.Tensor]], keyframes: frozenset[int]
+    ) -> tuple[MixReport, float | None]:
+        if phase != "X":
+            return self.peer.mix(phase, k, received, keyframes=keyframes), None
+        Y = dict(self.peer._pending["X"])  # the pre-mix value, before mix() replaces X
+        report = self.peer.mix(phase, k, received, keyframes=keyframes)
+        sq = sum(
+            float((Y[n].double() - p.detach().double()).square().sum()) for n, p in self.peer.params.items()
+        )
+        return report, sq**0.5
+
+    async def _round(self, k: int) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        self.gossip.begin_round(k)
+        loss = await self._compute(self.peer.gradient, k)
+        t_compute = time.perf_counter() - t0
+        keyframe = self._keyframe(k) or (not self.peer.exact and self.gossip.keyframe_wanted)
+        self.gossip.keyframe_wanted = False
+        t_encode = t_mix = 0.0
+        disagreement: float | None = None
+        stats: list[ExchangeStats] = []
+        for phase in self.peer.phases:
+            t = time.perf_counter()
+            encoded = await self._compute(self.peer.message, phase, k, keyframe=keyframe)
+            t_encode += time.perf_counter() - t
+            received, keyframes, st = await self.gossip.exchange(k, phase, encoded, keyframe=keyframe)
+            stats.append(st)
+            t = time.perf_counter()
+            _, d = await self._compute(self._mix, phase, k, received, keyframes)
+            disagreement = d if d is not None else disagreement
+            t_mix += time.perf_counter() - t
+        counts = sum((s.counts for s in stats), Counter[str]())
+        rejected = self.transport.rejected - self._rejected_seen
+        self._rejected_seen = self.transport.rejected.copy()
+        row: dict[str, Any] = {
+            "round": k,
+            "train_loss": loss,
+            "lr": self.peer.lr(k),
+            "bytes_out": sum(s.bytes_out for s in stats),
+            "bytes_in": sum(s.bytes_in for s in stats),
+            "received": sum(len(s.received) for s in stats),
+            "missing": sorted({j for s in stats for j in s.missing}),
+            "late": counts["late"],
+            "stale_dropped": counts["stale"],
+            "duplicates": counts["duplicate"],
+            "ahead_dropped": counts["ahead"],
+            "rejected": sum(rejected.values()),
+            "down": list(stats[-1].down),
+            "keyframe": keyframe,
+            "resends": sum(s.resends for s in stats),
+            "t_compute": t_compute,
+            "t_encode": t_encode,
+            "t_wait": sum(s.waited_s for s in stats),
+            "t_wait_max": max(s.waited_s for s in stats),
+            "deadline_s": max(s.deadline_s for s in stats),
+            "t_mix": t_mix,
+            "t_round": time.perf_counter() - t0,
+            "local_disagreement": disagreement,
+        }
+        if self._log_sums:
+            row["sum_V"] = _sums(self.peer.V)
+            row["sum_M"] = _sums(self.peer.M)
+        if row["missing"]:
+            log.info("round %d: missing %s, down %s", k, row["missing"], row["down"])
+        return row

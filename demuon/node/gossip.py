@@ -1,0 +1,343 @@
+"""The round protocol of one peer: send once, collect with a deadline (layer 5).
+
+One exchange of phase ``p`` ("V" or "X") at round ``k`` (DESIGN.md §4 steps 3 and 6)::
+
+    frames = wire.encode(sender=i, round=k, phase=p, codec, tensors, keyframe)   # once
+    transport.send(peer.recipients(k), frames)                                   # same frames to all
+    wait until every j in peer.expected_senders(k) − down has (k, p, j) in the mailbox,
+         or the deadline passes: network.phase_timeout_s, except for the first phase a process
+         runs, which gets what is left of network.start_timeout_s once the links are up
+         (``first_timeout_s``, set by the daemon; peers start at different times)
+    return what arrived (down neighbours included when their message is there)
+
+The missing-neighbour policy (a missing sender's weight goes to self) is :meth:`Peer.mix`'s; this
+module only reports who arrived.
+
+Mailbox rules (keyed by ``(round, phase, sender)``; ``current`` is the round being run):
+
+* ``round > current + AHEAD_WINDOW`` → dropped, counted ``ahead`` (the wire's round window also
+  rejects these before they reach the mailbox).
+* ``round < current`` → dropped, counted ``stale``.
+* ``round == current`` for a phase already closed → dropped, counted ``late``.
+* a key already stored or already consumed → dropped, counted ``duplicate``.
+* otherwise kept until its phase is exchanged: a neighbour running ahead loses nothing.
+
+Liveness: a neighbour that misses ``network.down_after_misses`` consecutive phases is *down* and
+no longer waited for; any message from it in the current round or later marks it up again.
+
+At-least-once delivery: while a wait lasts longer than ``RESEND_EVERY_S``, the last
+``RESEND_HISTORY`` messages sent are sent again (same frames) to their recipients. A neighbour that
+restarted, or lost a message in its receive queue when it stopped, gets what it needs; the
+mailbox drops the copies it already has, so replicas never see a message twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections import Counter, deque
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+import torch
+
+from demuon.config import Config, IdentityCodec
+from demuon.node.peer import Peer
+from demuon.transport import wire
+from demuon.transport.base import Buffer, Transport
+from demuon.transport.codecs import Encoded, make_codec
+
+#: Rounds ahead of the current one whose messages are kept (a neighbour may run this far ahead
+#: of us without losing anything). Independent of the config so every peer agrees on it.
+AHEAD_WINDOW = 16
+
+#: Seconds of waiting after which the last messages are sent again (at-least-once delivery).
+RESEND_EVERY_S = 1.0
+
+#: How many of the last sent messages a resend repeats (the previous phase and the current one:
+#: an in-neighbour we wait for is at most one phase behind us).
+RESEND_HISTORY = 2
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Key = tuple[int, str, int]  # (round, phase, sender)
+
+
+class Outcome(enum.Enum):
+    KEPT = "kept"
+    STALE = "stale"
+    LATE = "late"
+    DUPLICATE = "duplicate"
+    AHEAD = "ahead"
+
+
+class Mailbox(Generic[T]):
+    """Messages waiting for their (round, phase) exchange; see the module docstring for the rules."""
+
+    def __init__(self, window: int = AHEAD_WINDOW, current: int = 0) -> None:
+        self.window = window
+        self.current = current
+        self.counts: Counter[str] = Counter()  # Outcome.value -> number of messages
+        self._box: dict[Key, T] = {}
+        self._seen: set[Key] = set()  # stored or consumed keys of rounds >= current - 1
+        self._closed: set[tuple[int, str]] = set()  # phases of the current round already exchanged
+
+    def __len__(self) -> int:
+        return len(self._box)
+
+    def put(self, round: int, phase: str, sender: int, item: T) -> Outcome:
+        key = (round, phase, sender)
+        if key in self._seen:
+            outcome = Outcome.DUPLICATE
+        elif round < self.current:
+            outcome = Outcome.STALE
+        elif round > self.current + self.window:
+            outcome = Outcome.AHEAD
+        elif (round, phase) in self._closed:
+            outcome = Outcome.LATE
+        else:
+            self._box[key] = item
+            self._seen.add(key)
+            return Outcome.KEPT
+        self.counts[outcome.value] += 1
+        return outcome
+
+    def has(self, round: int, phase: str, sender: int) -> bool:
+        return (round, phase, sender) in self._box
+
+    def take(self, round: int, phase: str, senders: Iterable[int]) -> dict[int, T]:
+        """Remove and return the stored messages of ``(round, phase)`` from ``senders``."""
+        out = {}
+        for j in senders:
+            item = self._box.pop((round, phase, j), None)
+            if item is not None:
+                out[j] = item
+        return out
+
+    def close(self, round: int, phase: str) -> None:
+        """The exchange of ``(round, phase)`` is over: what still comes for it is late."""
+        self._closed.add((round, phase))
+        for key in [key for key in self._box if key[:2] == (round, phase)]:
+            del self._box[key]  # from senders nobody expects in this round: not used
+            self.counts[Outcome.LATE.value] += 1
+
+    def advance(self, round: int) -> None:
+        """Start round ``round``: older stored messages are dropped as stale."""
+        self.current = round
+        for key in [key for key in self._box if key[0] < round]:
+            del self._box[key]
+            self.counts[Outcome.STALE.value] += 1
+        self._seen = {key for key in self._seen if key[0] >= round - 1}
+        self._closed = {rp for rp in self._closed if rp[0] >= round}
+
+
+class Liveness:
+    """Which neighbours are down: ``down_after`` consecutive missed phases, until heard from again."""
+
+    def __init__(self, down_after: int) -> None:
+        self.down_after = down_after
+        self.misses: Counter[int] = Counter()
+        self.down: set[int] = set()
+
+    def heard(self, j: int) -> bool:
+        """A message from ``j`` arrived. True if ``j`` was down (it is up again)."""
+        self.misses[j] = 0
+        if j in self.down:
+            self.down.discard(j)
+            return True
+        return False
+
+    def missed(self, j: int) -> bool:
+        """``j``'s message of a phase did not arrive in time. True if ``j`` just went down."""
+        self.misses[j] += 1
+        if j not in self.down and self.misses[j] >= self.down_after:
+            self.down.add(j)
+            return True
+        return False
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """An accepted message and its size on the wire (what the transport's decode returns)."""
+
+    message: wire.Message
+    nbytes: int
+
+
+@dataclass
+class ExchangeStats:
+    round: int
+    phase: str
+    waited_s: float  # time spent waiting for neighbours
+    deadline_s: float  # the deadline that applied to this wait
+    waited_for: tuple[int, ...]  # expected senders that were not down when the phase began
+    received: tuple[int, ...]
+    missing: tuple[int, ...]
+    down: tuple[int, ...]  # after this phase
+    bytes_out: int
+    bytes_in: int
+    resends: int
+    counts: Counter[str] = field(default_factory=Counter)  # mailbox outcomes since the last exchange
+
+
+def _nbytes(frames: Sequence[Buffer]) -> int:
+    return sum(memoryview(f).nbytes for f in frames)
+
+
+class Gossip:
+    """Peer ``peer``'s side of the protocol over a transport yielding :class:`Inbound` messages.
+
+    The receive task calls :meth:`deliver` for every message; the round loop calls
+    :meth:`begin_round` then :meth:`exchange` once per phase. ``decode`` is the function to build
+    the transport with: it follows the current round (see :meth:`begin_round`)."""
+
+    def __init__(self, peer: Peer, config: Config, *, start_round: int = 0) -> None:
+        self.peer = peer
+        self.net = config.network
+        self.mailbox: Mailbox[Inbound] = Mailbox(current=start_round)
+        self.liveness = Liveness(self.net.down_after_misses)
+        self.transport: Transport[Inbound] | None = None
+        self.keyframe_wanted = False  # a neighbour came back: resynchronise its replicas of us
+        self._senders = tuple(range(config.peers))
+        self._shapes = {n: tuple(p.shape) for n, p in peer.params.items()}
+        self._codecs = {"identity": make_codec(IdentityCodec()), peer.codec.kind: peer.codec}
+        self._ctx = self._context(start_round)
+        self._first_phase = True
+        self.first_timeout_s = self.net.start_timeout_s  # deadline of the first phase this process runs
+        self._sent: deque[tuple[tuple[int, ...], Sequence[Buffer]]] = deque(maxlen=RESEND_HISTORY)
+        self._arrived = asyncio.Event()
+        self._counts_seen: Counter[str] = Counter()
+
+    # ---------------------------------------------------------------- receive side
+    def _context(self, k: int) -> wire.DecodeContext:
+        return wire.DecodeContext(
+            senders=frozenset(self._senders),
+            shapes=self._shapes,
+            dtype=torch.float32,
+            min_round=max(0, k - 1),
+            max_round=k + AHEAD_WINDOW,
+            codecs=self._codecs,
+            require_finite=True,
+        )
+
+    def decode(self, sender: int, frames: list[memoryview]) -> Inbound:
+        """The transport's decode: ``wire.decode`` against the current round's context."""
+        msg = wire.decode(frames, self._ctx)
+        if msg.sender != sender:
+            raise wire.UnknownSender(
+                f"header says sender {msg.sender}, the link is peer {sender}",
+                sender=sender,
+                round=msg.round,
+                expected=sender,
+                actual=msg.sender,
+            )
+        return Inbound(msg, _nbytes(frames))
+
+    def deliver(self, item: Inbound) -> Outcome:
+        """File one accepted message (called by the receive task)."""
+        m = item.message
+        outcome = self.mailbox.put(m.round, m.phase, m.sender, item)
+        if outcome is Outcome.KEPT and self.liveness.heard(m.sender):
+            log.info("neighbour %d is up again (message for round %d)", m.sender, m.round)
+            self.keyframe_wanted = True
+        self._arrived.set()
+        return outcome
+
+    # ---------------------------------------------------------------- the round
+    def begin_round(self, k: int) -> None:
+        self.mailbox.advance(k)
+        self._ctx = self._context(k)
+
+    async def _send(self, targets: tuple[int, ...], frames: Sequence[Buffer]) -> int:
+        assert self.transport is not None, "attach a transport first"
+        if targets:
+            await self.transport.send(targets, frames)
+        return len(targets) * _nbytes(frames)
+
+    async def _collect(
+        self, k: int, phase: str, waiting: list[int], deadline_s: float
+    ) -> tuple[float, int, int]:
+        """Wait until every sender in ``waiting`` has its (k, phase) message in the mailbox, or the
+        deadline; resend the last messages every ``RESEND_EVERY_S`` meanwhile.
+        Returns (seconds waited, resends, bytes resent)."""
+        loop = asyncio.get_running_loop()
+        start, clock = loop.time(), time.perf_counter()
+        deadline, next_resend = start + deadline_s, start + RESEND_EVERY_S
+        resends = resent_bytes = 0
+        while True:
+            waiting = [j for j in waiting if not self.mailbox.has(k, phase, j)]
+            now = loop.time()
+            if not waiting or now >= deadline:
+                break
+            if now >= next_resend:
+                for targets, frames in list(self._sent):
+                    resent_bytes += await self._send(targets, frames)
+                resends += 1
+                next_resend = now + RESEND_EVERY_S
+                continue
+            self._arrived.clear()  # no await since the mailbox check: no arrival can be missed
+            try:
+                async with asyncio.timeout(min(deadline, next_resend) - now):
+                    await self._arrived.wait()
+            except TimeoutError:
+                pass
+        return time.perf_counter() - clock, resends, resent_bytes  # perf_counter: uvloop's clock is in ms
+
+    def _account(self, expected: tuple[int, ...], got: Mapping[int, Inbound]) -> tuple[int, ...]:
+        """Update liveness from one phase's arrivals. Returns the missing senders."""
+        for j in got:
+            if self.liveness.heard(j):
+                self.keyframe_wanted = True
+        missing = tuple(j for j in expected if j not in got)
+        for j in missing:
+            if self.liveness.missed(j):
+                log.warning("neighbour %d is down (%d missed phases)", j, self.liveness.misses[j])
+        return missing
+
+    async def exchange(
+        self, k: int, phase: str, encoded: Mapping[str, Encoded], *, keyframe: bool = False
+    ) -> tuple[dict[int, dict[str, torch.Tensor]], frozenset[int], ExchangeStats]:
+        """Send this phase's message, wait for the neighbours' (see the module docstring).
+        Returns {sender: decoded tensors}, the senders whose message is a keyframe, and stats."""
+        codec = "identity" if keyframe else self.peer.codec.kind
+        frames: Sequence[Buffer] = list(
+            wire.encode(
+                sender=self.peer.index, round=k, phase=phase, codec=codec, tensors=encoded, keyframe=keyframe
+            )
+        )
+        targets = tuple(self.peer.recipients(k))
+        bytes_out = await self._send(targets, frames)
+        self._sent.append((targets, frames))
+
+        expected = tuple(self.peer.expected_senders(k))
+        waiting = [j for j in expected if j not in self.liveness.down]
+        deadline_s = self.first_timeout_s if self._first_phase else self.net.phase_timeout_s
+        self._first_phase = False
+        waited, resends, resent_bytes = await self._collect(k, phase, waiting, deadline_s)
+
+        got = self.mailbox.take(k, phase, expected)
+        self.mailbox.close(k, phase)
+        missing = self._account(expected, got)
+        counts = self.mailbox.counts - self._counts_seen
+        self._counts_seen = self.mailbox.counts.copy()
+        stats = ExchangeStats(
+            round=k,
+            phase=phase,
+            waited_s=waited,
+            deadline_s=deadline_s,
+            waited_for=tuple(waiting),
+            received=tuple(sorted(got)),
+            missing=missing,
+            down=tuple(sorted(self.liveness.down)),
+            bytes_out=bytes_out + resent_bytes,
+            bytes_in=sum(item.nbytes for item in got.values()),
+            resends=resends,
+            counts=counts,
+        )
+        received = {j: dict(item.message.tensors) for j, item in got.items()}
+        keyframes = frozenset(j for j, item in got.items() if item.message.keyframe)
+        return received, keyframes, stats

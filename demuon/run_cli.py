@@ -1,0 +1,217 @@
+"""``demuon run``: one peer of a cluster as a long-running process (a composition root, layer 6).
+
+    demuon run --config cluster.toml --peer ID [--out DIR] [--resume] [--set key=value ...]
+
+Every peer reads the same config file and derives everything else from it and its id: the graph
+(its views over the topology's period), the initial model (shared seed), its data shard (its id),
+the endpoints of its neighbours. Output folder (default ``runs/peer-<id>``): ``metrics.jsonl``
+(one row per round, keys in :mod:`demuon.node.daemon`), ``log.txt``, a checkpoint in
+``checkpoint.dir`` (default ``<out>/checkpoint``), and at the end ``final.json``
+(``{"id", "final_round", "final_train_loss", "fingerprint": {"sum", "l2"}}``) and ``final.pt``
+(``{name: tensor}`` of the final parameters).
+
+Exit codes: 0 finished or stopped cleanly (SIGTERM/SIGINT: the current round finishes and a
+checkpoint is written), 1 the run failed, 2 a bad config, peer id or checkpoint (nothing started).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import uvloop
+
+from demuon.config import Config, load_config
+from demuon.errors import ConfigError, DemuonError
+from demuon.node.checkpoint import load_checkpoint, restore
+from demuon.node.daemon import Control, Daemon, DaemonStatus, RoundHook, Service
+from demuon.node.gossip import Gossip, Inbound
+from demuon.node.peer import Peer, resolve_device
+from demuon.topology import mixing_matrix_from_config, peer_view, period
+from demuon.workloads import make_workload
+
+#: How long closing the sockets may wait for the last queued messages to leave (ms).
+SHUTDOWN_LINGER_MS = 1000
+
+log = logging.getLogger("demuon.run")
+
+
+def build_peer(config: Config, peer_id: int) -> Peer:
+    """Peer ``peer_id`` exactly as :func:`demuon.simulate.build_peers` builds it."""
+    device = resolve_device(config.device)
+    workload = make_workload(config.workload, seed=config.seed, device=device)
+    n = config.peers
+    views = [
+        peer_view(mixing_matrix_from_config(config.topology, n, t), peer_id)
+        for t in range(period(config.topology, n))
+    ]
+    return Peer(peer_id, config, workload, views, device=device)
+
+
+def build_transport(config: Config, peer: Peer, gossip: Gossip) -> Any:
+    """A ZeroMQ transport bound at ``config.endpoint(id)`` with DEALERs to every recipient over
+    the topology's period; CURVE when ``security.enabled``."""
+    from demuon.transport.security import load_keys, load_public_keys
+    from demuon.transport.zeromq import ZmqTransport
+
+    targets = sorted({j for k in range(len(peer.views)) for j in peer.recipients(k)})
+    curve, public = None, None
+    if config.security.enabled:
+        if config.security.key_dir is None:
+            raise ConfigError("security.key_dir", None, "required when security.enabled = true")
+        curve = load_keys(config.security.key_dir, peer.index)
+        public = dict(load_public_keys(config.security.key_dir))
+        public.update({p.id: p.public_key.encode() for p in config.network.peers if p.public_key})
+    net = config.network
+    return ZmqTransport[Inbound](
+        peer.index,
+        config.endpoint(peer.index),
+        {j: config.endpoint(j) for j in targets},
+        gossip.decode,
+        hwm=net.hwm,
+        heartbeat_ms=net.heartbeat_ms,
+        linger_ms=SHUTDOWN_LINGER_MS,
+        curve=curve,
+        public_keys=public,
+    )
+
+
+@dataclass(frozen=True)
+class Start:
+    """Peer state to run from: fresh (round 0) or restored from its checkpoint."""
+
+    peer: Peer
+    round: int
+    resumed: bool
+    checkpoint_dir: Path
+
+
+def prepare(config: Config, peer_id: int, out: Path, *, resume: bool = False) -> Start:
+    """Build peer ``peer_id`` and, with ``resume``, restore it (a CheckpointError names the file)."""
+    peer = build_peer(config, peer_id)
+    checkpoint_dir = config.checkpoint.dir or out / "checkpoint"
+    start = restore(peer, load_checkpoint(checkpoint_dir, peer_id, config)) if resume else 0
+    if resume:
+        log.info("resumed from %s at round %d", checkpoint_dir, start)
+    return Start(peer, start, resume, checkpoint_dir)
+
+
+def build_daemon(
+    config: Config,
+    start: Start,
+    out: Path,
+    *,
+    on_round: RoundHook | None = None,
+    control: Control | None = None,
+    services: Sequence[Service] = (),
+) -> Daemon:
+    """The daemon of ``start.peer`` over ZeroMQ. Call inside the event loop that will run it."""
+    gossip = Gossip(start.peer, config, start_round=start.round)
+    gossip.transport = build_transport(config, start.peer, gossip)
+    return Daemon(
+        start.peer,
+        config,
+        gossip,
+        gossip.transport,
+        out=out,
+        checkpoint_dir=start.checkpoint_dir,
+        start_round=start.round,
+        resumed=start.resumed,
+        on_round=on_round,
+        control=control,
+        services=services,
+    )
+
+
+async def run_peer(config: Config, start: Start, out: Path) -> DaemonStatus:
+    """Run the daemon (with MQTT telemetry when ``telemetry.mqtt_host`` is set)."""
+    from demuon.node.telemetry import Telemetry
+
+    telemetry = Telemetry(config.telemetry, start.peer.index)
+    if telemetry.enabled:
+        daemon = build_daemon(
+            config, start, out, on_round=telemetry.publish, control=telemetry, services=[telemetry]
+        )
+    else:
+        daemon = build_daemon(config, start, out)
+    return await daemon.run()
+
+
+@contextmanager
+def peer_logging(out: Path, peer_id: int) -> Iterator[None]:
+    """``log.txt`` in ``out`` and stderr, every line naming the peer (handlers removed after)."""
+    out.mkdir(parents=True, exist_ok=True)
+    fmt = logging.Formatter(f"%(asctime)s peer-{peer_id} %(levelname)s %(name)s: %(message)s")
+    root = logging.getLogger()
+    level = root.level
+    handlers: list[logging.Handler] = [
+        logging.FileHandler(out / "log.txt", encoding="utf-8"),
+        logging.StreamHandler(),
+    ]
+    root.setLevel(logging.INFO)
+    for handler in handlers:
+        handler.setFormatter(fmt)
+        root.addHandler(handler)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            root.removeHandler(handler)
+            handler.close()
+        root.setLevel(level)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.set)
+    if not 0 <= args.peer < config.peers:
+        raise ConfigError("--peer", args.peer, f"must be in 0..{config.peers - 1} (peers = {config.peers})")
+    out = Path(args.out) if args.out else Path("runs") / f"peer-{args.peer}"
+    if args.resume:  # fail before creating anything when there is nothing to resume from
+        load_checkpoint(config.checkpoint.dir or out / "checkpoint", args.peer, config)
+    torch.set_num_threads(config.threads)
+    with peer_logging(out, args.peer):
+        log.info(
+            "peer %d of %d: %s on %s, %d rounds",
+            args.peer,
+            config.peers,
+            config.algorithm.name,
+            config.topology.name,
+            config.rounds,
+        )
+        start = prepare(config, args.peer, out, resume=args.resume)
+        status = uvloop.run(run_peer(config, start, out))
+    return 0 if status is DaemonStatus.STOPPED else 1
+
+
+def add_run_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``run`` to a ``demuon`` sub-command parser set."""
+    r = subparsers.add_parser("run", help="run one peer of a cluster (ZeroMQ gossip)")
+    r.add_argument("--config", type=Path, required=True, help="the cluster's TOML file (same on every peer)")
+    r.add_argument("--peer", type=int, required=True, help="this peer's id, 0..peers-1")
+    r.add_argument("--out", type=Path, help="output folder (default runs/peer-<id>)")
+    r.add_argument("--resume", action="store_true", help="continue from this peer's checkpoint")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
+    r.set_defaults(func=cmd_run)
+    return r
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="demuon")
+    add_run_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["run", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return int(args.func(args))
+    except DemuonError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
