@@ -137,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     d.set_defaults(func=cmd_demo)
 
+    from demuon.run_cli import add_run_parser
+
+    add_run_parser(sub)
+
     k = sub.add_parser("keys", help="CURVE key management")
     ksub = k.add_subparsers(dest="keys_command", required=True)
     kg = ksub.add_parser("generate", help="write one CURVE keypair per peer into DIR")

@@ -339,7 +339,7 @@ class Daemon:
     ) -> tuple[MixReport, float | None]:
         if phase != "X":
             return self.peer.mix(phase, k, received, keyframes=keyframes), None
-        Y = dict(self.peer._pending["X"])  # the pre-mix value, before mix() replaces X
+        Y = self.peer.pending("X")  # the pre-mix value, before mix() replaces X
         report = self.peer.mix(phase, k, received, keyframes=keyframes)
         sq = sum(
             float((Y[n].double() - p.detach().double()).square().sum()) for n, p in self.peer.params.items()

@@ -213,6 +213,10 @@ class Peer:
             return {n: self.keyframe_codec.encode(h, seed=0) for n, h in hat.items()}
         return out
 
+    def pending(self, phase: str) -> TensorDict:
+        """The pre-mix value of ``phase`` (U or Y) between :meth:`message` and :meth:`mix`."""
+        return dict(self._pending[phase])
+
     def decode(self, enc: Mapping[str, Encoded], *, keyframe: bool = False) -> TensorDict:
         """Decode a peer's encoded message as a receiver does (keyframes are identity-coded)."""
         codec = self.keyframe_codec if keyframe else self.codec
