@@ -137,9 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     d.set_defaults(func=cmd_demo)
 
+    from demuon import compose, launch, report
     from demuon.run_cli import add_run_parser
 
     add_run_parser(sub)
+    launch.add_parser(sub)
+    report.add_parser(sub)
+    compose.add_parser(sub)
 
     k = sub.add_parser("keys", help="CURVE key management")
     ksub = k.add_subparsers(dest="keys_command", required=True)

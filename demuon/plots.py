@@ -45,7 +45,8 @@ def plot_runs(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path, title
                 **({"linthresh": 1e-6} if key == "consensus_error" else {}),
             )
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,168 @@
+"""``demuon compose``: a docker-compose file with one service per peer (layer 6).
+
+    demuon compose --config cluster.toml --out deploy/docker-compose.yml [--mqtt] [--set k=v ...]
+
+Next to the compose file it writes ``cluster.toml`` (a copy of the config, mounted read-only at
+``/config/cluster.toml`` in every container) and the services read their endpoints from the
+environment (``DEMUON__NETWORK__PEERS``, which wins over the file): peer ``i`` is the service
+``peer-i`` and binds ``tcp://peer-i:{base_port + i}``; the other peers reach it by that name on the
+compose network. ``--set`` overrides become ``DEMUON__…`` variables the same way. Every peer
+writes to ``/runs/peer-i`` on the named volume ``runs`` (owned by the image's non-root user;
+copy results out with ``docker compose cp peer-0:/runs ./runs``). ``--mqtt`` adds a ``mosquitto``
+service (config ``docker/mosquitto.conf``) and points every peer's telemetry at it; the peers do not
+depend on it.
+
+The file is JSON, which YAML 1.2 reads as-is (no YAML library needed). It is generated and checked
+for its structure only: it has not been run against a real Docker engine on the development
+machine (no engine there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from demuon.config import ENV_PREFIX, Config, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+IMAGE = "demuon:latest"
+MOSQUITTO_IMAGE = "eclipse-mosquitto:2"
+MQTT_PORT = 1883
+
+console = Console(stderr=True)
+
+
+def service_name(peer: int) -> str:
+    return f"peer-{peer}"
+
+
+def service_endpoint(config: Config, peer: int) -> str:
+    return f"tcp://{service_name(peer)}:{config.network.base_port + peer}"
+
+
+def _toml_string(text: str) -> str:
+    return json.dumps(text)  # a JSON string literal is a valid TOML basic string
+
+
+def peers_literal(config: Config) -> str:
+    """``network.peers`` as a TOML inline array, keeping any CURVE public keys of the config."""
+    keys = {p.id: p.public_key for p in config.network.peers}
+    items = []
+    for i in range(config.peers):
+        fields = [f"id = {i}", f"endpoint = {_toml_string(service_endpoint(config, i))}"]
+        if keys.get(i):
+            fields.append(f"public_key = {_toml_string(str(keys[i]))}")
+        items.append("{ " + ", ".join(fields) + " }")
+    return "[" + ", ".join(items) + "]"
+
+
+def override_env(overrides: Sequence[str]) -> dict[str, str]:
+    """``algorithm.lr=0.1`` → ``{"DEMUON__ALGORITHM__LR": "0.1"}``."""
+    env = {}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        env[ENV_PREFIX + "__".join(p.upper() for p in key.strip().split(".") if p)] = value.strip()
+    return env
+
+
+def compose_document(
+    config: Config, *, overrides: Sequence[str] = (), mqtt: bool = False, build_context: str = "."
+) -> dict[str, Any]:
+    """The compose file as a dict: services ``peer-0`` … ``peer-{N-1}`` (and ``mosquitto``)."""
+    env = {f"{ENV_PREFIX}NETWORK__PEERS": peers_literal(config), **override_env(overrides)}
+    if mqtt:
+        env[f"{ENV_PREFIX}TELEMETRY__MQTT_HOST"] = "mosquitto"
+        env[f"{ENV_PREFIX}TELEMETRY__MQTT_PORT"] = str(MQTT_PORT)
+    services: dict[str, Any] = {}
+    for i in range(config.peers):
+        name = service_name(i)
+        services[name] = {
+            "image": IMAGE,
+            "hostname": name,
+            "command": [
+                "demuon",
+                "run",
+                "--config",
+                "/config/cluster.toml",
+                "--peer",
+                str(i),
+                "--out",
+                f"/runs/{name}",
+            ],
+            "environment": dict(env),
+            "volumes": ["./cluster.toml:/config/cluster.toml:ro", "runs:/runs"],
+            "expose": [str(config.network.base_port + i)],
+            "stop_signal": "SIGTERM",
+            "stop_grace_period": f"{int(config.network.phase_timeout_s * 2 + 10)}s",
+            "restart": "no",
+        }
+        if i == 0:  # one service builds the image the others share
+            services[name]["build"] = {"context": build_context, "dockerfile": "docker/Dockerfile"}
+    if mqtt:
+        services["mosquitto"] = {
+            "image": MOSQUITTO_IMAGE,
+            "volumes": [f"{build_context}/docker/mosquitto.conf:/mosquitto/config/mosquitto.conf:ro"],
+            "ports": [f"127.0.0.1:{MQTT_PORT}:{MQTT_PORT}"],
+        }
+    return {"name": "demuon", "services": services, "volumes": {"runs": {}}}
+
+
+def write_compose(
+    config_path: Path, out: Path, *, overrides: Sequence[str] = (), mqtt: bool = False
+) -> tuple[Path, Path]:
+    """Write ``out`` and ``cluster.toml`` beside it; returns both paths."""
+    config = load_config(config_path, list(overrides))  # fail here, not in N containers
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cluster = out.parent / "cluster.toml"
+    if config_path.resolve() != cluster.resolve():
+        shutil.copyfile(config_path, cluster)
+    context = os.path.relpath(ROOT, out.parent.resolve())
+    doc = compose_document(config, overrides=overrides, mqtt=mqtt, build_context=context)
+    header = f"# generated by `demuon compose --config {config_path}`; JSON is valid YAML\n"
+    out.write_text(header + json.dumps(doc, indent=2) + "\n")
+    return out, cluster
+
+
+def cmd_compose(args: argparse.Namespace) -> int:
+    out, cluster = write_compose(Path(args.config), Path(args.out), overrides=args.set, mqtt=args.mqtt)
+    console.print(f"wrote {out} and {cluster}; start with: docker compose -f {out} up --build")
+    return 0
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "compose", help="write a docker-compose file, one service per peer"
+    )
+    p.add_argument("--config", type=Path, required=True, help="cluster TOML file")
+    p.add_argument("--out", type=Path, default=Path("docker-compose.yml"), help="compose file to write")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting (all peers)"
+    )
+    p.add_argument("--mqtt", action="store_true", help="add a mosquitto service and point telemetry at it")
+    p.set_defaults(func=cmd_compose)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from demuon.errors import DemuonError
+
+    parser = argparse.ArgumentParser(prog="demuon")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["compose", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return int(args.func(args))
+    except DemuonError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
