@@ -1,0 +1,161 @@
+"""The Transport contract every peer-to-peer link implements (layer 3).
+
+A transport moves *frames* (a list of raw buffers: one header frame plus one frame per tensor, see
+``transport.wire``) from one peer to others and hands back *accepted messages*: the result of the
+receiver's ``decode(sender, frames)``. It knows nothing of rounds, phases or math.
+
+Contract shared by every implementation (``inproc``, ``zeromq``, ``faults``), held together by
+``tests/unit/test_transport_conformance.py``:
+
+- ``send(targets, frames)`` sends the *same* frames to every target (encode once, send many). An
+  unknown target raises :class:`~demuon.errors.TransportError` naming it, before anything is sent.
+  A target that is down or whose queue is full is not an error: the message is dropped and counted
+  in the transport's ``dropped`` counter (a round never waits on a dead neighbour). Ownership of
+  the frames passes to the transport: the caller must not modify them after ``send`` returns.
+- Per-sender order is FIFO. The sender id handed to ``decode`` comes from the link itself (the
+  routing identity), not from the message.
+- ``decode`` raising :class:`~demuon.errors.WireFormatError` counts ``rejected[err.kind]`` and drops
+  the message; any other exception counts ``rejected["decode_crash"]``. The receiver never dies
+  because of what a peer sent.
+- Accepted messages wait in a bounded queue; ``recv()`` awaits the next one. After ``close()``,
+  ``recv()`` raises ``TransportError`` (also in a ``recv()`` that was already waiting).
+- ``close()`` is idempotent and never hangs. Status moves NEW → RUNNING → CLOSING → CLOSED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Generic, Protocol, TypeAlias, TypeVar
+
+from demuon.errors import TransportError, WireFormatError
+
+T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
+
+#: One frame of a message: anything exposing the buffer protocol as contiguous bytes.
+Buffer: TypeAlias = bytes | bytearray | memoryview
+
+#: ``decode(sender, frames) -> message``; raises ``WireFormatError`` on bad input.
+Decode: TypeAlias = Callable[[int, list[memoryview]], T]
+
+#: Default bound of the accepted-message queue (messages, not bytes).
+DEFAULT_QUEUE_SIZE = 1000
+
+#: ``rejected`` key for a decode function that raised something other than WireFormatError.
+DECODE_CRASH = "decode_crash"
+
+log = logging.getLogger(__name__)
+
+
+class TransportStatus(enum.Enum):
+    NEW = "new"
+    RUNNING = "running"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+class Transport(Protocol[T_co]):
+    """A link from one peer to its neighbours, yielding decoded messages of type ``T``."""
+
+    @property
+    def peer_id(self) -> int: ...
+
+    @property
+    def rejected(self) -> Counter[str]:
+        """WireFormatError.kind (or a transport-level kind) → number of messages dropped."""
+        ...
+
+    async def start(self) -> None: ...
+
+    async def send(self, targets: Sequence[int], frames: Sequence[Buffer]) -> None: ...
+
+    async def recv(self) -> T_co: ...
+
+    async def close(self) -> None: ...
+
+
+class SupportsReady(Protocol):
+    """Optional: wait until messages to ``targets`` can be handed to a live link (start-up)."""
+
+    async def wait_ready(self, targets: Sequence[int], timeout_s: float) -> bool: ...
+
+
+class _Closed:
+    """Sentinel put in the queue on close, so waiting ``recv()`` calls wake up."""
+
+
+_CLOSED = _Closed()
+
+
+class Inbox(Generic[T]):
+    """The receive side shared by transports: decode-and-count, then a bounded queue.
+
+    ``accept`` applies ``decode`` and records rejections in ``rejected`` (the transport's own
+    counter). ``get`` raises ``TransportError`` once the inbox is closed.
+    """
+
+    def __init__(self, decode: Decode[T], rejected: Counter[str], maxsize: int = DEFAULT_QUEUE_SIZE):
+        if maxsize < 1:
+            raise ValueError(f"queue size must be >= 1, got {maxsize}")
+        self._decode = decode
+        self._rejected = rejected
+        self._queue: asyncio.Queue[T | _Closed] = asyncio.Queue(maxsize)
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def reject(self, kind: str, detail: str = "") -> None:
+        if not self._rejected[kind]:
+            log.warning("dropping message: %s %s (further ones logged at debug)", kind, detail)
+        else:
+            log.debug("dropping message: %s %s", kind, detail)
+        self._rejected[kind] += 1
+
+    def accept(self, sender: int, frames: list[memoryview]) -> tuple[bool, T | None]:
+        """Decode one message; ``(False, None)`` if it was rejected (and counted)."""
+        try:
+            return True, self._decode(sender, frames)
+        except WireFormatError as err:
+            self.reject(err.kind, f"from {sender}: {err}")
+        except Exception as err:
+            self.reject(DECODE_CRASH, f"from {sender}: {type(err).__name__}: {err}")
+        return False, None
+
+    def put_nowait(self, item: T) -> bool:
+        """Queue without waiting; False if the queue is full or closed."""
+        if self._closed or self._queue.full():
+            return False
+        self._queue.put_nowait(item)
+        return True
+
+    async def put(self, item: T) -> None:
+        """Queue, waiting for room (back-pressure on the link); a no-op once closed."""
+        if not self._closed:
+            await self._queue.put(item)
+
+    def qsize(self) -> int:
+        return 0 if self._closed else self._queue.qsize()
+
+    async def get(self) -> T:
+        if self._closed:
+            raise TransportError("transport is closed")
+        item = await self._queue.get()
+        if isinstance(item, _Closed):
+            self._queue.put_nowait(item)  # wake the next waiter too
+            raise TransportError("transport is closed")
+        return item
+
+    def close(self) -> None:
+        """Drop what is queued and wake every waiting ``get``. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        while not self._queue.empty():
+            self._queue.get_nowait()
+        self._queue.put_nowait(_CLOSED)
