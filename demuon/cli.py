@@ -20,7 +20,8 @@ from demuon.errors import DemuonError
 
 console = Console(stderr=True)
 ROOT = Path(__file__).resolve().parent.parent
-DEMO_CONFIG = ROOT / "configs" / "demo-simulate.toml"
+DEMO_SIMULATE_CONFIG = ROOT / "configs" / "demo-simulate.toml"
+DEMO_CLUSTER_CONFIG = ROOT / "configs" / "demo-cluster.toml"
 
 
 def _progress() -> Progress:
@@ -101,15 +102,33 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    config = load_config(DEMO_CONFIG, args.set)
+    """``make demo``: a real local cluster (one process per peer) then its report; with
+    ``--simulate``, the simulator's side-by-side comparison of DeMuon, DSGD and GT-NSGDm."""
     out = Path(args.out)
+    if args.simulate:
+        config = load_config(DEMO_SIMULATE_CONFIG, args.set)
+        console.print(
+            f"demo: {config.peers} simulated peers on a {config.topology.name}, {config.workload.kind}"
+        )
+        runs = simulate_many(config, ["demuon", "dsgd", "gt_nsgdm"], out)
+        print_run_table(runs)
+        console.print(f"plot: {out / 'plot.png'}")
+        return 0
+    from demuon import launch, report
+
+    config = load_config(DEMO_CLUSTER_CONFIG, args.set)  # fail early, before any process starts
     console.print(
-        f"demo: {config.peers} simulated peers on a {config.topology.name}, {config.workload.kind} workload"
+        f"demo: {config.peers} peer processes on a {config.topology.name} over loopback ZeroMQ, "
+        f"{config.algorithm.name}, {config.workload.kind} workload, {config.rounds} rounds"
     )
-    runs = simulate_many(config, ["demuon", "dsgd", "gt_nsgdm"], out)
-    print_run_table(runs)
-    console.print(f"plot: {out / 'plot.png'}")
-    return 0
+    argv = ["--config", str(DEMO_CLUSTER_CONFIG), "--out", str(out)]
+    argv += [f"--set={item}" for item in args.set]
+    if not sys.stderr.isatty():
+        argv += ["--no-live", "--every", "20"]
+    code = launch.main(argv)
+    if code == 0:
+        code = report.main([str(out)])
+    return code
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
@@ -135,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the default demonstration (what `make demo` runs)")
     d.add_argument("--out", type=Path, default=Path("runs/demo"))
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    d.add_argument("--simulate", action="store_true", help="compare algorithms in the simulator instead")
     d.set_defaults(func=cmd_demo)
 
     from demuon import compose, launch, report
