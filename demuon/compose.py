@@ -152,16 +152,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from demuon.errors import DemuonError
+    """``demuon compose ...`` (kept so ``python -m demuon.compose`` works too)."""
+    from demuon.cli import main as cli_main
 
-    parser = argparse.ArgumentParser(prog="demuon")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["compose", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return int(args.func(args))
-    except DemuonError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        return 2
+    return cli_main(["compose", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

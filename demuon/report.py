@@ -27,7 +27,6 @@ from rich.table import Table
 
 from demuon import plots, results
 from demuon.config import Config
-from demuon.errors import DemuonError
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -381,14 +380,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="demuon")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["report", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return int(args.func(args))
-    except DemuonError as exc:
-        Console(stderr=True).print(f"[red]error:[/red] {exc}")
-        return 2
+    """``demuon report ...`` (kept so ``python -m demuon.report`` works too)."""
+    from demuon.cli import main as cli_main
+
+    return cli_main(["report", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import torch
 import uvloop
 
 from demuon.config import Config, load_config
-from demuon.errors import ConfigError, DemuonError
+from demuon.errors import ConfigError
 from demuon.node.checkpoint import load_checkpoint, restore
 from demuon.node.daemon import Control, Daemon, DaemonStatus, RoundHook, Service
 from demuon.node.gossip import Gossip, Inbound
@@ -203,14 +203,10 @@ def add_run_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="demuon")
-    add_run_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["run", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return int(args.func(args))
-    except DemuonError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    """``demuon run ...`` (kept so ``python -m demuon.run_cli`` works too)."""
+    from demuon.cli import main as cli_main
+
+    return cli_main(["run", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
