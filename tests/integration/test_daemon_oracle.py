@@ -213,3 +213,19 @@ def test_with_top_k_compression_the_cluster_keeps_mean_v_equal_to_mean_m_at_ever
             scale = 1.0 + torch.tensor([r["sum_M"] for r in at_k], dtype=torch.float64).abs().sum()
             assert (sum_V - sum_M).abs().max() <= 1e-4 * scale, f"round {k}: {sum_V} vs {sum_M}"
         assert_same_as_simulator(c, c.config)  # replicas evolve as in the simulator, too
+
+
+def test_a_curve_secured_cluster_with_keys_from_the_cli_matches_the_simulator(tmp_path: Path) -> None:
+    from demuon import cli
+
+    keys = tmp_path / "keys"
+    assert cli.main(["keys", "generate", str(keys), "--peers", "4"]) == 0
+    assert sorted(p.name for p in keys.glob("*.key_secret")) == [f"peer-{i}.key_secret" for i in range(4)]
+    secure = ("security.enabled=true", f"security.key_dir='{keys}'", "rounds=6")
+    with cluster(tmp_path / "run", CONFIGS / "oracle-ring4.toml", *secure) as c:
+        c.root.mkdir(parents=True, exist_ok=True)
+        for i in range(c.config.peers):
+            c.start(i)
+        c.wait_all()
+        assert all(c.rows(i)[-1]["round"] == 5 for i in range(c.config.peers))
+        assert assert_same_as_simulator(c, c.config)
