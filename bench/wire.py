@@ -1,22 +1,27 @@
 """What the wire path costs next to raw ZeroMQ, and what each codec buys.
 
-    python bench/wire.py [--json] [--quick]
+    python bench/wire.py [--json] [--quick] [--repeats N]
 
 Part 1 — one float32 tensor of 64 KiB / 1 MiB / 16 MiB moved from one socket to another in this
 process, over tcp loopback and ipc, side by side:
 
-    memcpy   torch ``clone`` of the tensor (the limit: one copy in memory)
-    raw      plain pyzmq DEALER → ROUTER, a small header frame + the tensor's bytes, copy=False
-    demuon   identity codec → ``wire.encode`` → ``ZmqTransport.send`` → ``recv`` → ``wire.decode``
-             (one copy at encode, CRC-32C on both sides, one copy at decode into a dense tensor)
-    pickle   ``pickle.dumps(tensor)`` over the same raw sockets, ``pickle.loads`` on receipt
+    memcpy     torch ``clone`` of the tensor (the limit: one copy in memory)
+    raw        plain pyzmq DEALER → ROUTER, a small header frame + the tensor's bytes, copy=False
+    transport  ``ZmqTransport.send`` → ``recv`` of the same two frames (no wire format)
+    demuon     identity codec → ``wire.encode`` → ``ZmqTransport.send`` → ``recv`` → ``wire.decode``
+               (zero-copy both ways; one CRC-32C pass per side, one finiteness reduction)
+    pickle     ``pickle.dumps(tensor)`` over the raw sockets, ``pickle.loads`` on receipt
 
-Every method keeps a window of messages in flight (a semaphore released on receipt), so the
-figures are throughput, not round-trip latency. GB/s = tensor bytes moved / wall time, best of a
-few repetitions; the ratio is to raw ZeroMQ on the same transport and size.
+Fair by construction: every method moves the same tensor the same number of times with the same
+window of messages in flight (a semaphore released on receipt: throughput, not round-trip
+latency), after a warm-up, and every socket of a measurement lives in one ZeroMQ context (one I/O
+thread; a context per end adds a second I/O thread that costs raw and demuon alike, about 2.5×
+on a 2-core machine). The methods take turns within each repetition, so a busy machine slows them
+alike; GB/s = tensor bytes moved / wall time, the median over the repetitions; the ratio is to
+raw ZeroMQ on the same transport and size.
 
 Part 2 — each codec on a 1024×1024 float32 tensor (1 M floats): compression ratio (dense bytes /
-payload bytes) and encode+decode speed in dense GB/s.
+payload bytes) and encode+decode speed in dense GB/s (median over the repetitions).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import asyncio
 import json
 import pickle
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -47,7 +53,7 @@ from demuon.transport.codecs import Cast, Codec, Identity, Int8, Natural, RandK,
 from demuon.transport.zeromq import ZmqTransport  # noqa: E402
 
 SIZES = (64 << 10, 1 << 20, 16 << 20)  # tensor bytes
-METHODS = ("memcpy", "raw", "demuon", "pickle")
+METHODS = ("memcpy", "raw", "transport", "demuon", "pickle")
 TRANSPORTS = ("tcp", "ipc")
 CODECS: dict[str, Codec] = {
     "identity": Identity(),
@@ -132,18 +138,22 @@ async def measure_raw(x: torch.Tensor, transport: str, tmp: Path, n: int, w: int
         ctx.destroy(linger=0)
 
 
-async def measure_demuon(x: torch.Tensor, transport: str, tmp: Path, n: int, w: int) -> float:
+async def measure_demuon(x: torch.Tensor, transport: str, tmp: Path, n: int, w: int, use_wire: bool) -> float:
+    """``ZmqTransport`` both ends (in one context, as raw); with ``use_wire`` the whole path,
+    otherwise the transport alone carrying raw's two frames."""
     ctx = wire.DecodeContext(senders={0}, shapes={"x": tuple(x.shape)})
     identity = Identity()
+    view = x.view(torch.uint8).numpy().data
 
-    def decode(sender: int, frames: list[memoryview]) -> wire.Message:
-        return wire.decode(frames, ctx)
+    def decode(sender: int, frames: list[memoryview]) -> Any:
+        return wire.decode(frames, ctx) if use_wire else frames
 
-    rx: ZmqTransport[wire.Message] = ZmqTransport(1, endpoint(transport, tmp, "rx"), {}, decode, hwm=HWM)
-    tx: ZmqTransport[wire.Message] | None = None
+    zctx = zmq.asyncio.Context()
+    rx: ZmqTransport[Any] = ZmqTransport(1, endpoint(transport, tmp, "rx"), {}, decode, hwm=HWM, context=zctx)
+    tx: ZmqTransport[Any] | None = None
     try:
         await rx.start()
-        tx = ZmqTransport(0, endpoint(transport, tmp, "tx"), {1: rx.endpoint}, decode, hwm=HWM)
+        tx = ZmqTransport(0, endpoint(transport, tmp, "tx"), {1: rx.endpoint}, decode, hwm=HWM, context=zctx)
         await tx.start()
         assert await tx.wait_ready([1], 5.0)
         sender = tx
@@ -151,8 +161,11 @@ async def measure_demuon(x: torch.Tensor, transport: str, tmp: Path, n: int, w: 
 
         async def send() -> None:
             nonlocal k
-            enc = {"x": identity.encode(x, seed=0)}
-            frames = wire.encode(sender=0, round=k, phase="V", codec="identity", tensors=enc)
+            if use_wire:
+                enc = {"x": identity.encode(x, seed=0)}
+                frames = wire.encode(sender=0, round=k, phase="V", codec="identity", tensors=enc)
+            else:
+                frames = [b"hdr", view]
             k += 1
             await sender.send([1], frames)
 
@@ -167,6 +180,7 @@ async def measure_demuon(x: torch.Tensor, transport: str, tmp: Path, n: int, w: 
         await rx.close()
         if tx is not None:
             await tx.close()
+        zctx.destroy(linger=0)
 
 
 def measure_memcpy(x: torch.Tensor, n: int) -> float:
@@ -178,38 +192,41 @@ def measure_memcpy(x: torch.Tensor, n: int) -> float:
     return time.perf_counter() - start
 
 
-async def transfer_rows(quick: bool, console: Console) -> list[dict[str, Any]]:
+async def measure(method: str, x: torch.Tensor, transport: str, tmp: Path, n: int, w: int) -> float:
+    if method == "memcpy":
+        return measure_memcpy(x, n)
+    if method in ("transport", "demuon"):
+        return await measure_demuon(x, transport, tmp, n, w, use_wire=method == "demuon")
+    return await measure_raw(x, transport, tmp, n, w, pickled=method == "pickle")
+
+
+async def transfer_rows(quick: bool, repeats: int, console: Console) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    repeats = 1 if quick else 3
     tmp = Path(tempfile.mkdtemp(prefix="dmw", dir="/tmp"))  # short: ipc paths are limited
     try:
         for size in SIZES:
             x = torch.randn(size // 4)
             n, w = plan(size, quick)
-            best: dict[tuple[str, str], float] = {}
             for transport in TRANSPORTS:
+                console.log(f"{transport:>3} {size >> 10:>6} KiB  x{n} (window {w}) x{repeats} repetitions")
+                times: dict[str, list[float]] = {m: [] for m in METHODS}
+                for _ in range(repeats):  # the methods take turns: load drifts hit all alike
+                    for method in METHODS:
+                        times[method].append(await measure(method, x, transport, tmp, n, w))
+                gbps = {m: [size * n / s / 1e9 for s in t] for m, t in times.items()}
+                raw = statistics.median(gbps["raw"])
                 for method in METHODS:
-                    console.log(f"{transport:>3} {size >> 10:>6} KiB  {method:<7} x{n}")
-                    for _ in range(repeats):
-                        if method == "memcpy":
-                            s = measure_memcpy(x, n)
-                        elif method == "demuon":
-                            s = await measure_demuon(x, transport, tmp, n, w)
-                        else:
-                            s = await measure_raw(x, transport, tmp, n, w, pickled=method == "pickle")
-                        key = (transport, method)
-                        best[key] = min(best.get(key, float("inf")), s)
-            for transport in TRANSPORTS:
-                raw = size * n / best[(transport, "raw")] / 1e9
-                for method in METHODS:
-                    gbps = size * n / best[(transport, method)] / 1e9
+                    med = statistics.median(gbps[method])
                     rows.append(
                         {
                             "transport": transport,
                             "bytes": size,
                             "method": method,
-                            "gbps": round(gbps, 3),
-                            "ratio_to_raw": round(gbps / raw, 3),
+                            "gbps": round(med, 3),
+                            "ratio_to_raw": round(med / raw, 3),
+                            "runs_gbps": [round(g, 3) for g in gbps[method]],
+                            "messages": n,
+                            "window": w,
                         }
                     )
     finally:
@@ -220,28 +237,29 @@ async def transfer_rows(quick: bool, console: Console) -> list[dict[str, Any]]:
 def codec_rows(quick: bool, console: Console) -> list[dict[str, Any]]:
     x = torch.randn(1024, 1024)
     dense = x.numel() * x.element_size()
-    reps = 3 if quick else 10
+    reps = 5 if quick else 21
     rows = []
     for name, codec in CODECS.items():
         console.log(f"codec {name}")
         enc = codec.encode(x, seed=0)
         codec.decode(enc, tuple(x.shape), x.dtype)  # warm-up
-        start = time.perf_counter()
+        seconds = []
         for seed in range(reps):
+            start = time.perf_counter()
             codec.decode(codec.encode(x, seed=seed), tuple(x.shape), x.dtype)
-        seconds = (time.perf_counter() - start) / reps
+            seconds.append(time.perf_counter() - start)
         rows.append(
             {
                 "codec": name,
                 "compression": round(dense / enc.nbytes, 2),
-                "gbps": round(dense / seconds / 1e9, 3),
+                "gbps": round(dense / statistics.median(seconds) / 1e9, 3),
             }
         )
     return rows
 
 
 def show(rows: list[dict[str, Any]], codecs: list[dict[str, Any]], console: Console) -> None:
-    table = Table(title="Moving one float32 tensor: GB/s (× raw ZeroMQ)")
+    table = Table(title="Moving one float32 tensor: GB/s, median (× raw ZeroMQ)")
     table.add_column("transport")
     table.add_column("method")
     for size in SIZES:
@@ -269,11 +287,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", action="store_true", help="print JSON instead of tables")
     ap.add_argument("--quick", action="store_true", help="fewer messages and repetitions")
+    ap.add_argument("--repeats", type=int, default=None, help="repetitions per cell (default 5, quick 3)")
     args = ap.parse_args(argv)
+    repeats = args.repeats or (3 if args.quick else 5)
     torch.set_num_threads(1)
     console = Console(stderr=True, quiet=args.json)
     started = time.perf_counter()
-    rows = asyncio.run(transfer_rows(args.quick, console))
+    rows = asyncio.run(transfer_rows(args.quick, repeats, console))
     codecs = codec_rows(args.quick, console)
     console.log(f"done in {time.perf_counter() - started:.0f} s")
     if args.json:

@@ -18,10 +18,11 @@ codec has none, or the constant depends on the tensor's size).
 with K = max(1, round(ratio·d)) (the nominal α is ``ratio``; the exact one is K/d).
 
 Determinism (ALGORITHMS.md §3.3): ``encode`` draws all randomness from generators seeded by its
-``seed`` argument (the caller derives it from seed, sender, round, phase and tensor) and works on a
-CPU copy of ``x``, so the payload does not depend on the device; ``decode`` is deterministic and
-uses only elementwise ops or scatters (no BLAS reductions), so every machine decoding the same
-payload gets the same bits, and a sender can apply exactly ``decode(encode(x))`` to its replica.
+``seed`` argument (the caller derives it from seed, sender, round, phase and tensor) and works on
+CPU data (a copy, except identity's zero-copy buffer), so the payload does not depend on the
+device; ``decode`` is deterministic and uses only elementwise ops or scatters (no BLAS
+reductions), so every machine decoding the same payload gets the same bits, and a sender can
+apply exactly ``decode(encode(x))`` to its replica.
 
 Receivers call ``expected_buffers(shape, dtype, meta)`` before allocating anything; it checks the
 meta values (raising :class:`~demuon.transport.wire_errors.BadMeta`) and returns the exact buffer
@@ -47,6 +48,7 @@ from demuon.transport.kernels import (
     natural_encode,
     outer_sum,
     randk_indices,
+    topk_indices,
 )
 from demuon.transport.wire_errors import BadMeta, BadPayload
 
@@ -170,7 +172,10 @@ def _dense(buffer: torch.Tensor, shape: Shape, dtype: torch.dtype) -> torch.Tens
 
 @dataclass(frozen=True)
 class Identity:
-    """C(x) = x. Also the keyframe codec."""
+    """C(x) = x. Also the keyframe codec. Zero-copy both ways: ``encode`` returns a contiguous
+    CPU ``x`` itself as the buffer (a copy only if ``x`` is elsewhere or strided), so the caller
+    must not modify ``x`` until it is sent (and kept for resends); ``decode`` returns a view of the
+    buffer when the dtype matches (on a receiver, of the frame memory: read it, do not modify it)."""
 
     kind: ClassVar[str] = "identity"
     alpha: ClassVar[float | None] = 1.0
@@ -178,10 +183,11 @@ class Identity:
     params: ClassVar[Meta] = {}
 
     def encode(self, x: torch.Tensor, *, seed: int) -> Encoded:
-        return Encoded((_cpu_copy(x),), {}, tuple(x.shape), x.dtype)
+        buffer = x.detach().to("cpu").contiguous()
+        return Encoded((buffer,), {}, tuple(x.shape), x.dtype)
 
     def decode(self, enc: Encoded, shape: Shape, dtype: torch.dtype) -> torch.Tensor:
-        return _dense(enc.buffers[0], shape, dtype)
+        return enc.buffers[0].reshape(shape).to(dtype)
 
     def expected_buffers(self, shape: Shape, dtype: torch.dtype, meta: Meta) -> list[BufferSpec]:
         _check_keys(meta, ())
@@ -220,7 +226,8 @@ class Cast:
 
 @dataclass(frozen=True)
 class TopK:
-    """Keep the K entries of largest magnitude (ties: torch.topk's choice), zero the rest.
+    """Keep the K entries of largest magnitude (ties: the lowest indices; NaN counts as +inf),
+    zero the rest; indices travel in ascending order (``kernels.topk_indices``).
     ``‖TopK(x) − x‖² ≤ (1 − K/d)‖x‖²`` deterministically."""
 
     ratio: float = 0.1
@@ -238,7 +245,7 @@ class TopK:
     def encode(self, x: torch.Tensor, *, seed: int) -> Encoded:
         flat = _flat_cpu(x)
         k = keep_count(self.ratio, flat.numel())
-        idx = flat.abs().topk(k, sorted=False).indices
+        idx = topk_indices(flat, k)
         return Encoded((flat[idx], idx.to(torch.int32)), {"k": k}, tuple(x.shape), x.dtype)
 
     def decode(self, enc: Encoded, shape: Shape, dtype: torch.dtype) -> torch.Tensor:

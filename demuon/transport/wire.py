@@ -28,8 +28,9 @@ forgery (that is CURVE's job).
 ``decode`` checks everything it can from the header before touching a payload byte or allocating:
 sizes against limits, version, sender, round window, phase, codec, tensor names and shapes, dtypes
 against allow-lists, buffer counts and sizes against the codec's ``expected_buffers`` and against
-the actual frames; then the checksum; then it wraps the frames without copying
-(``torch.frombuffer``) and decodes to dense CPU tensors. Every failure is a
+the actual frames; then the checksum (one CRC-32C pass per side); then it wraps the frames without
+copying (``torch.frombuffer``) and decodes to dense CPU tensors. Identity payloads stay views of
+the frame memory, which the tensors keep alive: treat them as read-only. Every failure is a
 :class:`~demuon.transport.wire_errors.WireError` subclass; anything unexpected (from msgpack, torch,
 a codec) is wrapped into ``BadHeader`` / ``BadPayload``, never raised as another type. msgpack only
 produces plain data (no pickle, no eval, no extension types).
@@ -113,7 +114,7 @@ class DecodeContext:
 
 @dataclass(frozen=True, eq=False)  # holds tensors: compared by identity
 class Message:
-    """One accepted message; ``tensors`` are dense CPU tensors in ``ctx.shapes`` order."""
+    """One accepted message; ``tensors``: dense CPU tensors in ``ctx.shapes`` order (read-only)."""
 
     sender: int
     round: int
@@ -374,9 +375,11 @@ def _wrap(view: memoryview, dtype: torch.dtype, shape: Shape) -> torch.Tensor:
 
 
 def _all_finite(t: torch.Tensor) -> bool:
-    """A NaN or ±inf entry makes the sum non-finite, so a finite sum (one fast pass) settles it;
-    only a non-finite sum (or an overflow) pays for the exact, much slower, elementwise check."""
-    return math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
+    """NaN / ±inf make the sum non-finite, so a finite sum (one pass, no temporary) settles it;
+    otherwise (or on overflow) min and max, which propagate NaN, must both be finite."""
+    if t.numel() == 0 or math.isfinite(float(t.sum())):
+        return True
+    return all(math.isfinite(float(v)) for v in torch.aminmax(t.reshape(-1)))
 
 
 def _decode_tensor(

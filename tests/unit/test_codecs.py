@@ -82,7 +82,7 @@ def test_encode_is_a_function_of_the_seed_and_decode_is_deterministic(codec: Cod
     assert torch.equal(codec.decode(first, (40, 24), x.dtype), codec.decode(again, (40, 24), x.dtype))
 
 
-@pytest.mark.parametrize("codec", CODECS, ids=repr)
+@pytest.mark.parametrize("codec", [c for c in CODECS if not isinstance(c, Identity)], ids=repr)
 def test_buffers_and_decoded_tensors_never_share_memory_with_the_input(codec: Codec) -> None:
     x = torch.randn(40, 24)
     enc = codec.encode(x, seed=1)
@@ -91,6 +91,18 @@ def test_buffers_and_decoded_tensors_never_share_memory_with_the_input(codec: Co
     x.add_(100.0)
     y.add_(100.0)
     assert all(torch.equal(a, b) for a, b in zip(before, enc.buffers, strict=True))
+
+
+def test_identity_is_zero_copy_for_contiguous_cpu_tensors_and_copies_otherwise() -> None:
+    x = torch.randn(40, 24)
+    enc = Identity().encode(x, seed=0)
+    assert enc.buffers[0].data_ptr() == x.data_ptr()
+    assert Identity().decode(enc, (40, 24), torch.float32).data_ptr() == x.data_ptr()
+    strided = Identity().encode(x.T, seed=0).buffers[0]
+    assert strided.is_contiguous() and strided.data_ptr() != x.data_ptr()
+    assert torch.equal(strided, x.T)
+    widened = Identity().decode(Identity().encode(x.bfloat16(), seed=0), (40, 24), torch.float32)
+    assert torch.equal(widened, x.bfloat16().float())
 
 
 @pytest.mark.parametrize(
@@ -157,6 +169,48 @@ def test_topk_keeps_the_largest_magnitudes_even_with_ties(values: list[int], rat
 def test_topk_keeps_non_finite_entries() -> None:
     x = torch.tensor([1.0, float("nan"), -2.0, float("-inf"), 0.5])
     assert sorted(TopK(0.4).encode(x, seed=0).buffers[1].tolist()) == [1, 3]
+
+
+def topk_reference(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The documented selection: largest |x| first (NaN as +inf), ties to the lowest index."""
+    magnitude = x.abs().nan_to_num(nan=math.inf)
+    return magnitude.sort(descending=True, stable=True).indices[:k].sort().values
+
+
+def misleading_inputs(d: int) -> list[torch.Tensor]:
+    """Inputs whose strided sample misjudges the threshold (both ways), ties, and NaN / ±inf."""
+    gen = torch.Generator().manual_seed(3)
+    sampled_big = torch.randn(d, generator=gen)
+    sampled_big[:: d // kernels.TOPK_SAMPLE] = 100.0  # few candidates: the fallback
+    sampled_small = 1.0 + torch.rand(d, generator=gen)
+    sampled_small[:: d // kernels.TOPK_SAMPLE] = 0.0  # too many above the high threshold
+    special = torch.randn(d, generator=gen)
+    special[torch.randint(d, (300,), generator=gen)] = float("nan")
+    special[torch.randint(d, (300,), generator=gen)] = float("-inf")
+    ties = torch.randint(-6, 7, (d,), generator=gen).float()  # heavy ties at the boundary
+    other_dtypes = [torch.randn(d, generator=gen, dtype=torch.float64), torch.randn(d).bfloat16()]
+    plain, zeros = torch.randn(d, generator=gen), torch.zeros(d)
+    return [plain, ties, zeros, sampled_big, sampled_small, special, *other_dtypes]
+
+
+@pytest.mark.parametrize("d", [1 << 16, 1 << 18, 300_001])
+@pytest.mark.parametrize("ratio", [0.0001, 0.01, 0.1, 0.5])
+def test_threshold_topk_selects_exactly_the_reference_set(d: int, ratio: float) -> None:
+    k = keep_count(ratio, d)
+    for x in misleading_inputs(d):
+        idx = kernels.topk_indices(x, k)
+        assert torch.equal(idx, topk_reference(x, k))
+        assert torch.equal(idx, kernels.topk_indices(x.clone(), k))  # deterministic
+
+
+def test_threshold_topk_agrees_with_torch_topk_on_distinct_values() -> None:
+    x = torch.randn(1 << 20, generator=torch.Generator().manual_seed(8))
+    for k in (1, 1000, 104_858, 500_000):
+        expected = x.abs().topk(k, sorted=False).indices.sort().values
+        assert torch.equal(kernels.topk_indices(x, k), expected)
+    first, again = TopK(0.1).encode(x, seed=0), TopK(0.1).encode(x.clone(), seed=9)
+    assert all(torch.equal(a, b) for a, b in zip(first.buffers, again.buffers, strict=True))
+    assert bool((first.buffers[1][1:] > first.buffers[1][:-1]).all())  # ascending indices
 
 
 def test_keep_count_rounds_and_never_drops_everything() -> None:

@@ -9,6 +9,7 @@ import crc32c
 import msgpack
 import pytest
 import torch
+import zmq
 
 from demuon.errors import WireFormatError
 from demuon.transport import wire
@@ -157,6 +158,55 @@ def test_a_rejected_message_does_not_depend_on_finite_values_when_not_required()
     assert info.value.tensor == "layer.bias" and (info.value.sender, info.value.round) == (2, 7)
     msg = wire.decode(frames, context(Identity(), require_finite=False))
     assert torch.isnan(msg.tensors["layer.bias"][1])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_each_kind_of_non_finite_value_is_caught_and_huge_finite_values_pass(bad: float) -> None:
+    values = tensors()
+    values["layer.weight"][3, 2] = bad
+    with pytest.raises(wire.NonFinite):
+        wire.decode(frames_of(Identity(), tensors=encoded(Identity(), values)), context(Identity()))
+    huge = {name: torch.full(shape, 3e38) for name, shape in SHAPES.items()}  # the sum overflows
+    msg = wire.decode(frames_of(Identity(), tensors=encoded(Identity(), huge)), context(Identity()))
+    assert torch.equal(msg.tensors["layer.weight"], huge["layer.weight"])
+
+
+def test_identity_payloads_are_zero_copy_views_that_outlive_their_zmq_frames() -> None:
+    """Decoded identity tensors view the received frame memory and keep it alive: they stay
+    intact after the frames are dropped and many other messages have come and gone."""
+    shapes = {"w": (256, 64)}  # 64 KiB: above pyzmq's copy threshold
+    ctx = context(Identity(), shapes=shapes)
+    zctx = zmq.Context()
+    pull, push = zctx.socket(zmq.PULL), zctx.socket(zmq.PUSH)
+    try:
+        port = pull.bind_to_random_port("tcp://127.0.0.1")
+        push.connect(f"tcp://127.0.0.1:{port}")
+
+        def roundtrip(value: float) -> torch.Tensor:
+            enc = {"w": Identity().encode(torch.full(shapes["w"], value), seed=0)}
+            push.send_multipart(
+                wire.encode(sender=2, round=7, phase="V", codec="identity", tensors=enc), copy=False
+            )
+            parts = pull.recv_multipart(copy=False)
+            tensor = wire.decode([p.buffer for p in parts], ctx).tensors["w"]
+            assert tensor.data_ptr() == torch.frombuffer(parts[1].buffer, dtype=torch.uint8).data_ptr()
+            return tensor
+
+        kept = [roundtrip(float(i)) for i in range(4)]  # their frames are gone once roundtrip returns
+        for i in range(200):
+            roundtrip(-1.0 - i)
+        for i, tensor in enumerate(kept):
+            assert torch.equal(tensor, torch.full(shapes["w"], float(i)))
+    finally:
+        zctx.destroy(linger=0)
+
+
+def test_decoded_views_of_byte_frames_outlive_the_frames() -> None:
+    frames = copies(frames_of(Identity(), tensors=encoded(Identity())))
+    msg = wire.decode(frames, context(Identity()))
+    del frames
+    for name, x in tensors().items():
+        assert torch.equal(msg.tensors[name], x)
 
 
 # ----------------------------------------------------------------------------- rejections
