@@ -68,6 +68,15 @@ def generator(seed: int, tag: str, *parts: int) -> torch.Generator:
     return g
 
 
+def sample_rows(n: int, batch: int, g: torch.Generator, device: torch.device) -> torch.Tensor:
+    """``batch`` row indices out of ``n``: without replacement when possible, else with."""
+    if batch <= n:
+        rows = torch.randperm(n, generator=g)[:batch]
+    else:
+        rows = torch.randint(n, (batch,), generator=g)
+    return rows.to(device)
+
+
 def check_peer(peer: int, n_peers: int) -> None:
     """Raise :class:`WorkloadError` unless ``0 <= peer < n_peers``."""
     if n_peers < 1 or not 0 <= peer < n_peers:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from demuon.config import LogisticWorkload
-from demuon.workloads.base import DTYPE, check_peer, evaluate, generator
+from demuon.workloads.base import DTYPE, check_peer, evaluate, generator, sample_rows
 
 TEACHER_SCALE = 3.0  # logits of the teacher have standard deviation ≈ 3 (labels mostly clear)
 VALIDATION_SAMPLES = 1024
@@ -73,11 +73,7 @@ class LogisticRegression:
         x, y = self.peer_data(peer)
         cfg = self.cfg
         g = generator(self.seed, "logistic/rows", peer, k)
-        if cfg.batch_size <= cfg.samples:
-            rows = torch.randperm(cfg.samples, generator=g)[: cfg.batch_size]
-        else:
-            rows = torch.randint(cfg.samples, (cfg.batch_size,), generator=g)
-        rows = rows.to(self.device)
+        rows = sample_rows(cfg.samples, cfg.batch_size, g, self.device)
         return x[rows], y[rows]
 
     def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from demuon.config import QuadraticWorkload
-from demuon.workloads.base import DTYPE, check_peer, derive_seed, evaluate, generator
+from demuon.workloads.base import DTYPE, check_peer, derive_seed, evaluate, generator, sample_rows
 
 VALIDATION_ROWS = 256  # held-out rows of A_val
 
@@ -94,11 +94,7 @@ class LeastSquares:
         cfg = self.cfg
         if cfg.batch_size is not None:
             g = generator(self.seed, "quadratic/rows", peer, k)
-            if cfg.batch_size <= cfg.rows:
-                rows = torch.randperm(cfg.rows, generator=g)[: cfg.batch_size]
-            else:
-                rows = torch.randint(cfg.rows, (cfg.batch_size,), generator=g)
-            rows = rows.to(self.device)
+            rows = sample_rows(cfg.rows, cfg.batch_size, g, self.device)
             A, B = A[rows], B[rows]
         if cfg.noise > 0.0:
             B = B + cfg.noise * self._noise(peer, k, (B.shape[0], cfg.dim_out)).to(self.device)
