@@ -28,9 +28,9 @@ METHODS = ("demuon", "gt_nsgdm", "dsgd_clip", "dsgd")
 # Step-size grids (η), spanning the values the DeMuon authors used (ALGORITHMS.md §1.6) scaled
 # for this model. Every method uses the same linear decay schedule.
 GRID: dict[str, tuple[float, ...]] = {
-    "demuon": (0.03, 0.06, 0.12),
+    "demuon": (0.06, 0.12, 0.24),
     "gt_nsgdm": (0.1, 0.3, 0.6),
-    "dsgd_clip": (0.3, 1.0, 3.0),
+    "dsgd_clip": (1.0, 3.0, 10.0),
     "dsgd": (0.1, 0.3, 1.0),
 }
 

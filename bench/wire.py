@@ -9,7 +9,7 @@ process, over tcp loopback and ipc, side by side:
     raw        plain pyzmq DEALER → ROUTER, a small header frame + the tensor's bytes, copy=False
     transport  ``ZmqTransport.send`` → ``recv`` of the same two frames (no wire format)
     demuon     identity codec → ``wire.encode`` → ``ZmqTransport.send`` → ``recv`` → ``wire.decode``
-               (zero-copy both ways; one CRC-32C pass per side, one finiteness reduction)
+               (zero-copy both ways; one XXH3-64 pass per side, one finiteness reduction)
     pickle     ``pickle.dumps(tensor)`` over the raw sockets, ``pickle.loads`` on receipt
 
 Fair by construction: every method moves the same tensor the same number of times with the same

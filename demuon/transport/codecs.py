@@ -187,10 +187,13 @@ class Identity:
         return Encoded((buffer,), {}, tuple(x.shape), x.dtype)
 
     def decode(self, enc: Encoded, shape: Shape, dtype: torch.dtype) -> torch.Tensor:
-        return enc.buffers[0].reshape(shape).to(dtype)
+        out = enc.buffers[0]
+        out = out if out.shape == shape else out.reshape(shape)
+        return out if out.dtype == dtype else out.to(dtype)
 
     def expected_buffers(self, shape: Shape, dtype: torch.dtype, meta: Meta) -> list[BufferSpec]:
-        _check_keys(meta, ())
+        if meta:
+            _check_keys(meta, ())
         return [(dtype, shape)]
 
 

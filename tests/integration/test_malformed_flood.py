@@ -77,7 +77,7 @@ MALFORMED: list[Callable[[random.Random], Frames]] = [
     lambda rng: [*frames_of(), b"extra"],
     lambda rng: [*frames_of()[:-1], frames_of()[-1][:-4]],  # truncated payload
     flip_a_byte,  # bad checksum (or a header that no longer parses)
-    lambda rng: reenvelope(frames_of(), version=2),
+    lambda rng: reenvelope(frames_of(), version=wire.PROTOCOL_VERSION + 1),
     lambda rng: frames_of(sender=7),
     lambda rng: frames_of(round=10_000),
     lambda rng: frames_of(phase="Z"),

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import crc32c
 import msgpack
 import pytest
 import torch
+import xxhash
 import zmq
 
 from demuon.errors import WireFormatError
@@ -78,10 +78,15 @@ def rewrite(frames: Sequence[Any], edit: Callable[[dict[str, Any]], None]) -> li
     edit(header)
     packed = msgpack.packb(header, use_bin_type=True)
     payload = copies(frames[1:])
-    crc = crc32c.crc32c(packed)
+    return [msgpack.packb([version, digest(packed, payload), packed], use_bin_type=True), *payload]
+
+
+def digest(body: bytes, payload: Sequence[Any]) -> int:
+    """The envelope's checksum: XXH3-64 over the header body, then every payload frame."""
+    hasher = xxhash.xxh3_64(body)
     for frame in payload:
-        crc = crc32c.crc32c(frame, value=crc)
-    return [msgpack.packb([version, crc, packed], use_bin_type=True), *payload]
+        hasher.update(frame)
+    return hasher.intdigest()
 
 
 # -------------------------------------------------------------------------------- success
@@ -312,6 +317,16 @@ def test_a_truncated_frame_is_a_size_mismatch() -> None:
         wire.decode([*frames[:-1], frames[-1][:-1]], context())
 
 
+def test_a_version_1_message_is_refused() -> None:
+    """Version 1 (CRC-32C checksums) is not understood any more, whatever its checksum."""
+    _, _, body = msgpack.unpackb(bytes(frames_of()[0]))
+    frames = copies(frames_of())
+    frames[0] = msgpack.packb([1, digest(body, frames[1:]), body], use_bin_type=True)
+    with pytest.raises(wire.UnsupportedVersion) as info:
+        wire.decode(frames, context())
+    assert (info.value.expected, info.value.actual) == (wire.PROTOCOL_VERSION, 1)
+
+
 def test_a_future_version_is_unsupported() -> None:
     _, crc, body = msgpack.unpackb(bytes(frames_of()[0]))
     frames = copies(frames_of())
@@ -321,7 +336,10 @@ def test_a_future_version_is_unsupported() -> None:
     assert info.value.actual == wire.PROTOCOL_VERSION + 1
 
 
-@pytest.mark.parametrize("junk", [[], [b""], [b"\xc1"], [b"\x93\x01\x02\x03"], [object()], "not frames"])
+NOT_AN_ENVELOPE = [msgpack.packb([wire.PROTOCOL_VERSION, 2, 3])]  # right version, wrong field types
+
+
+@pytest.mark.parametrize("junk", [[], [b""], [b"\xc1"], NOT_AN_ENVELOPE, [object()], "not frames"])
 def test_garbage_is_a_bad_header(junk: Any) -> None:
     with pytest.raises(wire.BadHeader):
         wire.decode(junk, context())

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import crc32c
 import msgpack
 import pytest
 import torch
@@ -15,7 +14,7 @@ from hypothesis import strategies as st
 from demuon.errors import WireFormatError
 from demuon.transport import wire
 from demuon.transport.codecs import Cast, Codec, Identity, Int8, Natural, TopK
-from tests.unit.test_wire import SHAPES, context, copies, encoded, frames_of, rewrite
+from tests.unit.test_wire import SHAPES, context, copies, digest, encoded, frames_of, rewrite
 
 FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SCALARS = (
@@ -47,10 +46,10 @@ def rejected(frames: Any, ctx: wire.DecodeContext | None = None) -> WireFormatEr
 def seal(header: Any) -> list[bytes]:
     """A well-formed envelope (right version and checksum) around an arbitrary header object."""
     body = msgpack.packb(header, use_bin_type=True)
-    crc = crc32c.crc32c(body)
-    for frame in VALID[1:]:
-        crc = crc32c.crc32c(frame, value=crc)
-    return [msgpack.packb([wire.PROTOCOL_VERSION, crc, body], use_bin_type=True), *VALID[1:]]
+    return [
+        msgpack.packb([wire.PROTOCOL_VERSION, digest(body, VALID[1:]), body], use_bin_type=True),
+        *VALID[1:],
+    ]
 
 
 @FUZZ
