@@ -21,9 +21,10 @@ one stays). Lifecycle: ``NEW → STARTING → RUNNING → STOPPING → STOPPED``
 Per-round row (``metrics.jsonl``): ``round, train_loss, lr, bytes_out, bytes_in, received``
 (messages used), ``missing`` (senders missing in any phase), ``late, stale_dropped, duplicates,
 ahead_dropped, rejected`` (mailbox/wire drops this round), ``down`` (neighbours down after the
-round), ``keyframe, resends``, times ``t_compute`` (gradient), ``t_encode`` (local step + encode),
-``t_wait`` (send + wait, summed over phases), ``t_wait_max`` and ``deadline_s`` (longest single
-phase wait and the longest deadline that applied), ``t_mix, t_round``, ``local_disagreement``
+round), ``keyframe, resends``, ``skipped`` (rounds jumped over to catch up before this one),
+times ``t_compute`` (gradient), ``t_encode`` (local step + encode), ``t_wait`` (send + wait,
+summed over phases), ``t_wait_max`` and ``deadline_s`` (longest single phase wait and the longest
+deadline that applied), ``t_mix, t_round``, ``local_disagreement``
 (‖Y_i − mix(Y)‖ over all parameters in phase X, a consensus proxy one peer can compute), and for
 tracking algorithms on models under :data:`SUMS_MAX_PARAMS` parameters ``sum_V``/``sum_M``: the
 float64 sum of each tensor of V and M after the round (the cluster-wide sums check the tracking
@@ -151,6 +152,7 @@ class Daemon:
         self.checkpoint_dir = checkpoint_dir
         self.start_round = start_round
         self.resumed = resumed
+        self.caught_up = 0  # rounds skipped to rejoin neighbours that went on without us
         self.on_round = on_round
         self.control: Control = control if control is not None else LocalControl()
         self.services = tuple(services)
@@ -272,18 +274,23 @@ class Daemon:
             await self._wait_ready()
             self.status = DaemonStatus.RUNNING
             every = self.config.checkpoint.every
-            for k in range(self.start_round, self.config.rounds):
+            k = self.start_round
+            while k < self.config.rounds:
                 await self.control.wait_while_paused()
                 if self.control.stop.is_set():
                     log.info("stop requested: leaving before round %d", k)
                     break
+                target = self._catch_up(k)
+                skipped, k = target - k, target
                 row = await self._round(k)
+                row["skipped"] = skipped
                 self.last_completed = k
                 assert self._metrics is not None
                 self._metrics.write(row)
                 self._queue_row(row)
                 if every and (k + 1) % every == 0 and k != self.config.rounds - 1:
                     await self._compute(save_checkpoint, self.checkpoint_dir, self.peer, self.config)
+                k += 1
             self.status = DaemonStatus.STOPPING
             await self._finish()
         finally:
@@ -328,6 +335,17 @@ class Daemon:
         results.atomic_write_bytes(self.out / "final.pt", buf.getvalue())
 
     # ------------------------------------------------------------------ one round
+    def _catch_up(self, k: int) -> int:
+        """Rejoin neighbours that went on without us (see :meth:`Gossip.catch_up_round`)."""
+        senders = {j for view in self.peer.views for j, _ in view.in_neighbours}
+        target = self.gossip.catch_up_round(k, senders)
+        if target is None:
+            return k
+        log.warning("left behind at round %d: neighbours are at round %d; catching up", k, target)
+        self.caught_up += target - k
+        self.gossip.keyframe_wanted = True  # compressed: our replicas at the neighbours are stale
+        return target
+
     def _keyframe(self, k: int) -> bool:
         if self.peer.exact:
             return False

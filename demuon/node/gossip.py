@@ -85,12 +85,14 @@ class Mailbox(Generic[T]):
         self._box: dict[Key, T] = {}
         self._seen: set[Key] = set()  # stored or consumed keys of rounds >= current - 1
         self._closed: set[tuple[int, str]] = set()  # phases of the current round already exchanged
+        self.latest: dict[int, int] = {}  # sender -> highest round it has sent us (kept or not)
 
     def __len__(self) -> int:
         return len(self._box)
 
     def put(self, round: int, phase: str, sender: int, item: T) -> Outcome:
         key = (round, phase, sender)
+        self.latest[sender] = max(round, self.latest.get(sender, round))
         if key in self._seen:
             outcome = Outcome.DUPLICATE
         elif round < self.current:
@@ -203,6 +205,7 @@ class Gossip:
         self.transport: Transport[Inbound] | None = None
         self.keyframe_wanted = False  # a neighbour came back: resynchronise its replicas of us
         self._senders = tuple(range(config.peers))
+        self._rounds = config.rounds
         self._shapes = {n: tuple(p.shape) for n, p in peer.params.items()}
         self._codecs = {"identity": make_codec(IdentityCodec()), peer.codec.kind: peer.codec}
         self._ctx = self._context(start_round)
@@ -219,7 +222,9 @@ class Gossip:
             shapes=self._shapes,
             dtype=torch.float32,
             min_round=max(0, k - 1),
-            max_round=k + AHEAD_WINDOW,
+            # far-ahead rounds (up to the run's end) still decode, so a peer left behind learns
+            # where its neighbours are (Mailbox.latest) although the mailbox keeps only the window
+            max_round=max(k + AHEAD_WINDOW, self._rounds - 1),
             codecs=self._codecs,
             require_finite=True,
         )
@@ -241,11 +246,26 @@ class Gossip:
         """File one accepted message (called by the receive task)."""
         m = item.message
         outcome = self.mailbox.put(m.round, m.phase, m.sender, item)
-        if outcome is Outcome.KEPT and self.liveness.heard(m.sender):
+        # A late message, or one from the round just closed, still shows the sender is alive and
+        # at most a round behind: mark it up so the next round waits for it and it can rejoin.
+        alive = outcome in (Outcome.KEPT, Outcome.LATE) or (
+            outcome is Outcome.STALE and m.round >= self.mailbox.current - 1
+        )
+        if alive and self.liveness.heard(m.sender):
             log.info("neighbour %d is up again (message for round %d)", m.sender, m.round)
             self.keyframe_wanted = True
         self._arrived.set()
         return outcome
+
+    def catch_up_round(self, k: int, senders: Iterable[int]) -> int | None:
+        """The round to jump to if this peer was left behind, else None.
+
+        In a healthy run no in-neighbour can be two rounds ahead: its round k+1 needs our round
+        k messages. A message for round ≥ k+2 therefore means the neighbours went on without us
+        (we were down, or restarted from an older checkpoint): skip to the latest such round and
+        rejoin the mix there instead of running the remaining rounds alone."""
+        ahead = [r for j, r in self.mailbox.latest.items() if j in set(senders) and r >= k + 2]
+        return min(max(ahead), self._rounds - 1) if ahead else None
 
     # ---------------------------------------------------------------- the round
     def begin_round(self, k: int) -> None:
@@ -269,7 +289,12 @@ class Gossip:
         deadline, next_resend = start + deadline_s, start + RESEND_EVERY_S
         resends = resent_bytes = 0
         while True:
-            waiting = [j for j in waiting if not self.mailbox.has(k, phase, j)]
+            # a sender already two rounds ahead went on without us: its (k, phase) will not come
+            waiting = [
+                j
+                for j in waiting
+                if not self.mailbox.has(k, phase, j) and self.mailbox.latest.get(j, k) < k + 2
+            ]
             now = loop.time()
             if not waiting or now >= deadline:
                 break

@@ -6,21 +6,24 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
-from demuon import run_cli
+from demuon import results, run_cli
 from demuon.config import load_config
 from demuon.node.checkpoint import load_checkpoint
 from demuon.node.daemon import Control, DaemonStatus, LocalControl, RoundHook
+from demuon.transport.inproc import InprocHub
 from tests.integration.test_daemon_oracle import (
     CONFIGS,
     Cluster,
     assert_same_as_simulator,
     cluster,
+    inproc_daemon,
     inproc_daemons,
 )
 
@@ -131,3 +134,63 @@ def test_resuming_without_a_checkpoint_fails_naming_the_path(
     out = tmp_path / "fresh"
     assert run_cli.main(["--config", str(RING), "--peer", "1", "--out", str(out), "--resume"]) == 2
     assert str(out / "checkpoint" / "peer-1.pt") in capsys.readouterr().err
+
+
+async def test_a_peer_left_behind_skips_ahead_and_rejoins_the_mix(tmp_path: Path) -> None:
+    """Peer 1 stops at round 3 and its neighbours go on without it (marking it down) to round 12,
+    where they pause. Restarted from its checkpoint it learns from their next messages that it was
+    left behind, skips ahead instead of running the remaining rounds alone, and is back in the
+    mix: in the last rounds nobody misses anybody and nobody is down."""
+    config = load_config(
+        RING,
+        [
+            "rounds=60",
+            "network.phase_timeout_s=0.2",
+            "network.start_timeout_s=5.0",
+            "network.down_after_misses=2",
+        ],
+    )
+    controls: dict[int, LocalControl] = {i: LocalControl() for i in range(config.peers)}
+    paused: set[int] = set()
+    all_paused = asyncio.Event()
+
+    def hook(i: int) -> RoundHook:
+        def on_round(row: Mapping[str, Any]) -> None:
+            if i == 1 and row["round"] == 3:
+                controls[1].apply("stop")
+            elif i != 1 and row["round"] == 12:
+                controls[i].apply("pause")
+                paused.add(i)
+                if len(paused) == 3:
+                    all_paused.set()
+
+        return on_round
+
+    hub = InprocHub(range(config.peers))
+    daemons = [
+        inproc_daemon(config, hub, i, tmp_path, on_round=hook(i), control=controls[i]) for i in range(4)
+    ]
+    tasks = {i: asyncio.create_task(d.run()) for i, d in enumerate(daemons)}
+    try:
+        async with asyncio.timeout(120):
+            assert await tasks[1] == DaemonStatus.STOPPED
+            await all_paused.wait()
+            saved = load_checkpoint(daemons[1].checkpoint_dir, 1, config)["round"]
+            assert 3 <= saved < 12
+            tasks[1] = asyncio.create_task(inproc_daemon(config, hub, 1, tmp_path, resume=True).run())
+            for i in (0, 2, 3):
+                controls[i].apply("resume")
+            assert await asyncio.gather(*tasks.values()) == [DaemonStatus.STOPPED] * 4
+    finally:
+        for task in tasks.values():
+            task.cancel()
+        await asyncio.gather(*tasks.values(), return_exceptions=True)
+
+    rows = {i: results.read_metrics(tmp_path / f"peer-{i}" / "metrics.jsonl") for i in range(4)}
+    after = [r for r in rows[1] if r["round"] > saved]
+    assert any(r["skipped"] > 0 for r in after), [r["round"] for r in after]
+    print("peer 1 after its restart:", [(r["round"], r["skipped"], r["missing"]) for r in after][:12])
+    assert rows[1][-1]["round"] == config.rounds - 1
+    for i in range(4):
+        tail = rows[i][-5:]
+        assert all(r["missing"] == [] and r["down"] == [] for r in tail), (i, tail)

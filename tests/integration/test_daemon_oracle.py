@@ -20,6 +20,7 @@ import torch
 
 from demuon import results, simulate
 from demuon.config import Config, load_config
+from demuon.node.checkpoint import load_checkpoint, restore
 from demuon.node.daemon import Control, Daemon, DaemonStatus, RoundHook
 from demuon.node.gossip import Gossip, Inbound
 from demuon.transport.inproc import InprocHub, InprocTransport
@@ -130,6 +131,38 @@ def assert_same_as_simulator(c: Cluster, config: Config, atol: float = 1e-5) -> 
     return bitwise
 
 
+def inproc_daemon(
+    config: Config,
+    hub: InprocHub,
+    index: int,
+    root: Path,
+    *,
+    on_round: RoundHook | None = None,
+    control: Control | None = None,
+    resume: bool = False,
+) -> Daemon:
+    """Peer ``index`` as a daemon on ``hub``; with ``resume``, restored from its checkpoint."""
+    workload = make_workload(config.workload, seed=config.seed, device=torch.device("cpu"))
+    peer = simulate.build_peers(config, workload, torch.device("cpu"))[index]
+    out = root / f"peer-{index}"
+    start = restore(peer, load_checkpoint(out / "checkpoint", index, config)) if resume else 0
+    gossip = Gossip(peer, config, start_round=start)
+    gossip.transport = InprocTransport[Inbound](index, hub, gossip.decode)
+    return Daemon(
+        peer,
+        config,
+        gossip,
+        gossip.transport,
+        out=out,
+        checkpoint_dir=out / "checkpoint",
+        start_round=start,
+        resumed=resume,
+        on_round=on_round,
+        control=control,
+        handle_signals=False,
+    )
+
+
 def inproc_daemons(
     config: Config,
     root: Path,
@@ -139,25 +172,10 @@ def inproc_daemons(
 ) -> list[Daemon]:
     """One daemon per peer on one in-process hub (call inside the event loop that runs them)."""
     hub = InprocHub(range(config.peers))
-    workload = make_workload(config.workload, seed=config.seed, device=torch.device("cpu"))
-    daemons = []
-    for peer in simulate.build_peers(config, workload, torch.device("cpu")):
-        gossip = Gossip(peer, config)
-        gossip.transport = InprocTransport[Inbound](peer.index, hub, gossip.decode)
-        out = root / f"peer-{peer.index}"
-        daemon = Daemon(
-            peer,
-            config,
-            gossip,
-            gossip.transport,
-            out=out,
-            checkpoint_dir=out / "checkpoint",
-            on_round=(hooks or {}).get(peer.index),
-            control=(controls or {}).get(peer.index),
-            handle_signals=False,
-        )
-        daemons.append(daemon)
-    return daemons
+    return [
+        inproc_daemon(config, hub, i, root, on_round=(hooks or {}).get(i), control=(controls or {}).get(i))
+        for i in range(config.peers)
+    ]
 
 
 async def test_daemons_in_one_process_match_the_simulator_and_report_every_round(tmp_path: Path) -> None:
