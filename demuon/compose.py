@@ -30,7 +30,7 @@ from typing import Any
 
 from rich.console import Console
 
-from demuon.config import ENV_PREFIX, Config, load_config
+from demuon.config import ENV_PREFIX, Config, load_config, parse_value
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = "demuon:latest"
@@ -48,28 +48,28 @@ def service_endpoint(config: Config, peer: int) -> str:
     return f"tcp://{service_name(peer)}:{config.network.base_port + peer}"
 
 
-def _toml_string(text: str) -> str:
-    return json.dumps(text)  # a JSON string literal is a valid TOML basic string
-
-
 def peers_literal(config: Config) -> str:
-    """``network.peers`` as a TOML inline array, keeping any CURVE public keys of the config."""
+    """``network.peers`` as JSON (how a list travels in an environment variable), keeping any
+    CURVE public keys of the config."""
     keys = {p.id: p.public_key for p in config.network.peers}
-    items = []
+    items: list[dict[str, Any]] = []
     for i in range(config.peers):
-        fields = [f"id = {i}", f"endpoint = {_toml_string(service_endpoint(config, i))}"]
+        item: dict[str, Any] = {"id": i, "endpoint": service_endpoint(config, i)}
         if keys.get(i):
-            fields.append(f"public_key = {_toml_string(str(keys[i]))}")
-        items.append("{ " + ", ".join(fields) + " }")
-    return "[" + ", ".join(items) + "]"
+            item["public_key"] = str(keys[i])
+        items.append(item)
+    return json.dumps(items)
 
 
 def override_env(overrides: Sequence[str]) -> dict[str, str]:
-    """``algorithm.lr=0.1`` → ``{"DEMUON__ALGORITHM__LR": "0.1"}``."""
+    """``algorithm.lr=0.1`` → ``{"DEMUON__ALGORITHM__LR": "0.1"}``; a section or list value (a TOML
+    inline table or array on the command line) becomes JSON."""
     env = {}
     for item in overrides:
-        key, _, value = item.partition("=")
-        env[ENV_PREFIX + "__".join(p.upper() for p in key.strip().split(".") if p)] = value.strip()
+        key, _, text = item.partition("=")
+        value = parse_value(text.strip())
+        name = ENV_PREFIX + "__".join(p.upper() for p in key.strip().split(".") if p)
+        env[name] = json.dumps(value) if isinstance(value, dict | list | bool) else str(value)
     return env
 
 

@@ -1,9 +1,10 @@
 """Settings: the one source of configuration (layer 1).
 
 Every setting lives in a frozen pydantic model. A TOML file (``configs/*.toml``) is read into
-:class:`Config`; ``--set key.sub=value`` overrides and ``DEMUON__SECTION__KEY=value`` environment
-variables are applied on top (environment wins over the file, ``--set`` wins over both). A bad
-value fails at load time with a :class:`~demuon.errors.ConfigError` naming the field and value.
+:class:`Config`; ``DEMUON__SECTION__KEY=value`` environment variables (read by pydantic-settings; a section or
+list is given as JSON) and ``--set key.sub=value`` overrides (TOML literals) are applied on top:
+the environment wins over the file, ``--set`` wins over both. A bad value fails at load time
+with a :class:`~demuon.errors.ConfigError` naming the field and value.
 
 Algorithms, schedules, codecs and workloads are chosen by discriminated unions (``kind = ...`` /
 ``name = ...``), never by import strings (the ``custom`` workload names a ``module:function``
@@ -14,10 +15,12 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import EnvSettingsSource
 
 from demuon.errors import ConfigError
 
@@ -347,7 +350,7 @@ class Config(Frozen):
 ENV_PREFIX = "DEMUON__"
 
 
-def _parse_value(text: str) -> Any:
+def parse_value(text: str) -> Any:
     """A ``--set``/environment value: a TOML literal if it parses as one, else the raw string."""
     try:
         return tomllib.loads(f"v = {text}")["v"]
@@ -368,14 +371,37 @@ def _assign(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def env_overrides(environ: dict[str, str] | None = None) -> list[tuple[str, Any]]:
-    """``DEMUON__ALGORITHM__LR=0.1`` → ``("algorithm.lr", 0.1)`` (keys lower-cased)."""
-    env = os.environ if environ is None else environ
-    out = []
-    for key, text in sorted(env.items()):
-        if key.startswith(ENV_PREFIX) and len(key) > len(ENV_PREFIX):
-            dotted = key[len(ENV_PREFIX) :].lower().replace("__", ".")
-            out.append((dotted, _parse_value(text)))
+class _ConfigEnvironment(EnvSettingsSource):
+    """pydantic-settings' environment source for :class:`Config`, reading a given mapping (the
+    process environment by default) so tests can pass their own."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+        super().__init__(
+            Config,  # type: ignore[arg-type]  # a plain model works: only its fields are read
+            env_prefix=ENV_PREFIX,
+            env_nested_delimiter="__",
+            case_sensitive=False,
+        )
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return {k.lower(): v for k, v in self._environ.items()}
+
+
+def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """``DEMUON__ALGORITHM__LR=0.1`` → ``{"algorithm": {"lr": "0.1"}}`` (nested by ``__``; a JSON
+    value sets a whole section or list, e.g. ``DEMUON__NETWORK__PEERS='[{"id": 0, ...}]'``)."""
+    return dict(_ConfigEnvironment(os.environ if environ is None else environ)())
+
+
+def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``, section by section."""
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
     return out
 
 
@@ -405,11 +431,10 @@ def load_config(
             data = tomllib.loads(p.read_text())
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError("config", str(p), f"not valid TOML: {exc}") from exc
-    for dotted, value in env_overrides(environ):
-        _assign(data, dotted, value)
+    data = _merge(data, env_overrides(environ))
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep:
             raise ConfigError("--set", item, "expected key=value")
-        _assign(data, key.strip(), _parse_value(text.strip()))
+        _assign(data, key.strip(), parse_value(text.strip()))
     return config_from_dict(data)

@@ -97,3 +97,27 @@ def test_simulate_writes_metrics_summary_and_plot_for_each_algorithm(tiny: Path,
 
 def test_simulate_refuses_an_unknown_algorithm(tiny: Path) -> None:
     assert cli.main(["simulate", "--config", str(tiny), "--algorithms", "adam"]) == 2
+
+
+def test_a_section_or_list_comes_from_the_environment_as_json(tiny: Path) -> None:
+    env = {
+        "DEMUON__GOSSIP__CODEC": '{"kind": "topk", "ratio": 0.25}',
+        "DEMUON__NETWORK__PEERS": json.dumps([{"id": i, "endpoint": f"tcp://p{i}:7{i}"} for i in range(4)]),
+        "DEMUON__SECURITY__ENABLED": "false",
+    }
+    config = load_config(tiny, environ=env)
+    assert config.gossip.codec.kind == "topk" and config.gossip.codec.ratio == 0.25
+    assert config.endpoint(3) == "tcp://p3:73"
+
+
+def test_the_compose_environment_reads_back_as_the_same_settings(tiny: Path) -> None:
+    from demuon import compose
+
+    config = load_config(tiny, environ={})
+    env = compose.compose_document(config, overrides=["gossip.codec={kind='natural'}", "algorithm.lr=0.3"])[
+        "services"
+    ]["peer-2"]["environment"]
+    again = load_config(tiny, environ=env)
+    assert again.endpoint(2) == compose.service_endpoint(config, 2)
+    assert again.gossip.codec.kind == "natural"
+    assert again.algorithm.lr == 0.3
