@@ -30,7 +30,7 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from demuon import launch, results, simulate  # noqa: E402
+from demuon import cli, results, simulate  # noqa: E402
 from demuon.config import load_config  # noqa: E402
 
 DEFAULT_CONFIG = ROOT / "configs" / "demo-cluster.toml"
@@ -85,7 +85,7 @@ def run_codec(config_path: Path, codec: str, args: argparse.Namespace, workdir: 
         argv += ["--set", item]
     start = time.monotonic()
     with contextlib.redirect_stdout(sys.stderr):  # progress lines; stdout carries the result
-        rc = launch.main(argv)
+        rc = cli.main(["launch", *argv])
     wall = time.monotonic() - start
     fig = cluster_figures(out, args.warmup)
     fig.update(codec=codec, exit_code=rc, wall_s=wall, sim_bytes=simulated_bytes(config_path, overrides))

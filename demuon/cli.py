@@ -115,7 +115,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print_run_table(runs)
         console.print(f"plot: {out / 'plot.png'}")
         return 0
-    from demuon import launch, report
 
     config = load_config(DEMO_CLUSTER_CONFIG, args.set)  # fail early, before any process starts
     console.print(
@@ -126,9 +125,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     argv += [f"--set={item}" for item in args.set]
     if not sys.stderr.isatty():
         argv += ["--no-live", "--every", "20"]
-    code = launch.main(argv)
+    code = main(["launch", *argv])
     if code == 0:
-        code = report.main([str(out)])
+        code = main(["report", str(out)])
     return code
 
 

@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import shutil
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -149,14 +148,3 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--mqtt", action="store_true", help="add a mosquitto service and point telemetry at it")
     p.set_defaults(func=cmd_compose)
     return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``demuon compose ...`` (kept so ``python -m demuon.compose`` works too)."""
-    from demuon.cli import main as cli_main
-
-    return cli_main(["compose", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -371,14 +371,3 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=None, help="stop the peers after this many seconds")
     p.set_defaults(func=cmd_launch)
     return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``demuon launch ...`` (kept so ``python -m demuon.launch`` works too)."""
-    from demuon.cli import main as cli_main
-
-    return cli_main(["launch", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -16,7 +16,6 @@ import argparse
 import json
 import math
 import re
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -377,14 +376,3 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="as given to launch")
     p.set_defaults(func=cmd_report)
     return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``demuon report ...`` (kept so ``python -m demuon.report`` works too)."""
-    from demuon.cli import main as cli_main
-
-    return cli_main(["report", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

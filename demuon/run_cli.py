@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -200,14 +199,3 @@ def add_run_parser(subparsers: Any) -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
     r.set_defaults(func=cmd_run)
     return r
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``demuon run ...`` (kept so ``python -m demuon.run_cli`` works too)."""
-    from demuon.cli import main as cli_main
-
-    return cli_main(["run", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -7,8 +7,9 @@ corpus, by default the Python standard library sources) or ``custom`` (a ``modul
 factory).
 """
 
-from demuon.workloads.base import Workload, derive_seed, generator, make_workload
+from demuon.workloads.base import Workload, derive_seed, generator
 from demuon.workloads.corpus import load_corpus
+from demuon.workloads.factory import make_workload
 from demuon.workloads.gpt import ByteLanguageModel, MiniGPT
 from demuon.workloads.logistic import LogisticRegression
 from demuon.workloads.quadratic import LeastSquares

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from demuon import results, run_cli
+from demuon import cli, results
 from demuon.config import load_config
 from demuon.node.checkpoint import load_checkpoint
 from demuon.node.daemon import Control, DaemonStatus, LocalControl, RoundHook
@@ -121,9 +121,11 @@ def test_a_bad_setting_fails_before_anything_starts_naming_field_and_value(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "never"
-    assert run_cli.main(["--config", str(RING), "--peer", "0", "--out", str(out), "--set", "rounds=-3"]) == 2
+    assert (
+        cli.main(["run", "--config", str(RING), "--peer", "0", "--out", str(out), "--set", "rounds=-3"]) == 2
+    )
     assert "rounds=-3" in capsys.readouterr().err
-    assert run_cli.main(["--config", str(RING), "--peer", "4", "--out", str(out)]) == 2
+    assert cli.main(["run", "--config", str(RING), "--peer", "4", "--out", str(out)]) == 2
     assert "--peer=4" in capsys.readouterr().err
     assert not out.exists()
 
@@ -132,7 +134,7 @@ def test_resuming_without_a_checkpoint_fails_naming_the_path(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "fresh"
-    assert run_cli.main(["--config", str(RING), "--peer", "1", "--out", str(out), "--resume"]) == 2
+    assert cli.main(["run", "--config", str(RING), "--peer", "1", "--out", str(out), "--resume"]) == 2
     assert str(out / "checkpoint" / "peer-1.pt") in capsys.readouterr().err
 
 

@@ -69,7 +69,7 @@ class Cluster:
 
     def start(self, i: int, *extra: str) -> subprocess.Popen[bytes]:
         n = self.starts[i] = self.starts.get(i, 0) + 1
-        args = [sys.executable, "-m", "demuon.run_cli", "--config", str(self.config_file), "--peer", str(i)]
+        args = [sys.executable, "-m", "demuon", "run", "--config", str(self.config_file), "--peer", str(i)]
         args += ["--out", str(self.out(i)), *extra]
         for s in self.sets:
             args += ["--set", s]

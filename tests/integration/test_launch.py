@@ -55,7 +55,7 @@ def write_config(path: Path, rounds: int) -> Path:
 
 
 def launch_argv(config: Path, out: Path, overrides: Sequence[str] = ()) -> list[str]:
-    argv = [sys.executable, "-m", "demuon.launch", "--config", str(config), "--out", str(out)]
+    argv = [sys.executable, "-m", "demuon", "launch", "--config", str(config), "--out", str(out)]
     argv += ["--no-live", "--every", "2"]
     return argv + [arg for item in overrides for arg in ("--set", item)]
 

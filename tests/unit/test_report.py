@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from demuon import report, results
+from demuon import cli, report, results
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 N_PEERS = 3
@@ -62,7 +62,7 @@ def test_report_on_a_launch_folder_prints_one_row_per_peer_and_writes_pngs(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     write_launch_dir(tmp_path)
-    assert report.main([str(tmp_path)]) == 0
+    assert cli.main(["report", str(tmp_path)]) == 0
     for name in report.LAUNCH_PLOTS:
         assert_png(tmp_path / name)
     per_peer = report.launch_metrics(tmp_path)
@@ -86,7 +86,7 @@ def test_totals_come_from_every_row_of_each_peer(tmp_path: Path) -> None:
 def test_report_without_summary_still_plots(tmp_path: Path) -> None:
     write_launch_dir(tmp_path)
     (tmp_path / "summary.json").unlink()
-    assert report.main([str(tmp_path)]) == 0
+    assert cli.main(["report", str(tmp_path)]) == 0
     for name in report.LAUNCH_PLOTS:
         assert_png(tmp_path / name)
 
@@ -107,7 +107,7 @@ def test_report_on_a_simulate_folder_explains_and_plots(
         ]
         (tmp_path / alg).mkdir()
         (tmp_path / alg / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert report.main([str(tmp_path)]) == 0
+    assert cli.main(["report", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "simulator output" in out
     assert "demuon" in out and "dsgd" in out
@@ -117,5 +117,5 @@ def test_report_on_a_simulate_folder_explains_and_plots(
 def test_report_on_an_empty_folder_fails_with_a_message(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert report.main([str(tmp_path)]) == 2
+    assert cli.main(["report", str(tmp_path)]) == 2
     assert "neither" in capsys.readouterr().err
