@@ -176,7 +176,7 @@ class ExchangeStats:
     phase: str
     waited_s: float  # time spent waiting for neighbours
     deadline_s: float  # the deadline that applied to this wait
-    waited_for: tuple[int, ...]  # expected senders that were not down when the phase began
+    waited_for: tuple[int, ...]  # expected senders waited for (not down, or all if all are down)
     received: tuple[int, ...]
     missing: tuple[int, ...]
     down: tuple[int, ...]  # after this phase
@@ -340,6 +340,11 @@ class Gossip:
 
         expected = tuple(self.peer.expected_senders(k))
         waiting = [j for j in expected if j not in self.liveness.down]
+        if expected and not waiting:
+            # Every neighbour is down: most likely our own link is. Going on alone would race
+            # through the remaining rounds in milliseconds (and drag everyone to the end when they
+            # catch up with us), so an isolated peer still waits out the deadline for them all.
+            waiting = list(expected)
         deadline_s = self.first_timeout_s if self._first_phase else self.net.phase_timeout_s
         self._first_phase = False
         waited, resends, resent_bytes = await self._collect(k, phase, waiting, deadline_s)

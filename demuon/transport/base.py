@@ -111,10 +111,11 @@ class Inbox(Generic[T]):
         return self._closed
 
     def reject(self, kind: str, detail: str = "") -> None:
+        """Count a dropped message under ``kind``; log the first of each kind as a warning."""
         if not self._rejected[kind]:
-            log.warning("dropping message: %s %s (further ones logged at debug)", kind, detail)
+            log.warning("dropping %s (further %r drops are logged at debug level)", detail or kind, kind)
         else:
-            log.debug("dropping message: %s %s", kind, detail)
+            log.debug("dropping %s", detail or kind)
         self._rejected[kind] += 1
 
     def accept(self, sender: int, frames: list[memoryview]) -> tuple[bool, T | None]:
@@ -122,9 +123,9 @@ class Inbox(Generic[T]):
         try:
             return True, self._decode(sender, frames)
         except WireFormatError as err:
-            self.reject(err.kind, f"from {sender}: {err}")
+            self.reject(err.kind, f"a message from peer {sender}: {err}")
         except Exception as err:
-            self.reject(DECODE_CRASH, f"from {sender}: {type(err).__name__}: {err}")
+            self.reject(DECODE_CRASH, f"a message from peer {sender}: {type(err).__name__}: {err}")
         return False, None
 
     def put_nowait(self, item: T) -> bool:

@@ -252,10 +252,11 @@ class ZmqTransport(Generic[T]):
         """Sender id and payload frames of one received message, or None (counted)."""
         sender = parse_identity(parts[0].bytes)
         if sender is None:
-            self._inbox.reject("unknown_identity", repr(parts[0].bytes[:16]))
+            self._inbox.reject("unknown_identity", f"a message from identity {parts[0].bytes[:16]!r}")
             return None
         if self.curve is not None and parts[0].get("User-Id") != str(sender):
-            self._inbox.reject("identity_mismatch", f"claims {sender}, key of {parts[0].get('User-Id')}")
+            key_of = parts[0].get("User-Id")
+            self._inbox.reject("identity_mismatch", f"a message claiming peer {sender}, key of {key_of}")
             return None
         return sender, [p.buffer for p in parts[1:]]
 

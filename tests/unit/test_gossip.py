@@ -184,3 +184,15 @@ async def test_a_message_from_a_down_neighbour_is_still_used_and_marks_it_up() -
         await sender
         assert set(received) == {1}
         assert g.keyframe_wanted
+
+
+async def test_a_peer_whose_every_neighbour_is_down_still_waits_out_the_deadline() -> None:
+    """An isolated peer (probably its own link is down) must not race through the remaining
+    rounds alone: it waits for everybody, so it stays at most a few rounds ahead of the others."""
+    config = ring3()
+    async with cluster(config, [0]) as gossips:
+        g = gossips[0]
+        g.liveness.down.update({1, 2})
+        _, stats = await one_phase(g, 0, "V")
+        assert stats.waited_for == (1, 2)
+        assert stats.waited_s >= config.network.start_timeout_s  # the first phase's deadline
