@@ -67,9 +67,14 @@ class Cluster:
     def out(self, i: int) -> Path:
         return self.root / f"peer-{i}"
 
+    def prefix(self, i: int) -> list[str]:
+        """What runs peer ``i``'s command (nothing here; e.g. ``ip netns exec NS`` in a subclass)."""
+        return []
+
     def start(self, i: int, *extra: str) -> subprocess.Popen[bytes]:
         n = self.starts[i] = self.starts.get(i, 0) + 1
-        args = [sys.executable, "-m", "demuon", "run", "--config", str(self.config_file), "--peer", str(i)]
+        args = [*self.prefix(i), sys.executable, "-m", "demuon", "run"]
+        args += ["--config", str(self.config_file), "--peer", str(i)]
         args += ["--out", str(self.out(i)), *extra]
         for s in self.sets:
             args += ["--set", s]

@@ -7,8 +7,6 @@ from __future__ import annotations
 import functools
 import os
 import re
-import subprocess
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -47,16 +45,8 @@ class NetnsCluster(Cluster):
         self.net = net
         self.sets = [lan_endpoints_setting(net), *sets]  # instead of the loopback endpoints
 
-    def start(self, i: int, *extra: str) -> subprocess.Popen[bytes]:
-        n = self.starts[i] = self.starts.get(i, 0) + 1
-        args = [*self.net.exec_prefix(i), sys.executable, "-m", "demuon", "run"]
-        args += ["--config", str(self.config_file), "--peer", str(i), "--out", str(self.out(i)), *extra]
-        for s in self.sets:
-            args += ["--set", s]
-        with (self.root / f"stderr-{i}.{n}.txt").open("wb") as err:
-            proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err, env=self.env, cwd=self.root)
-        self.procs[i] = proc
-        return proc
+    def prefix(self, i: int) -> list[str]:
+        return list(self.net.exec_prefix(i))
 
     def logs(self, i: int) -> str:
         """The process's stderr and the tail of its ``log.txt``."""
