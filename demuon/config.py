@@ -57,6 +57,7 @@ class TopologyConfig(Frozen):
     radius: float | None = Field(default=None, gt=0.0, description="random_geometric radius")
     seed: int = 0
     rows: int | None = Field(default=None, ge=1, description="torus rows (cols = n / rows)")
+    directed: bool = Field(default=False, description="exponential: Ying et al.'s directed arcs i → i+2^h")
     edges_file: Path | None = None
 
 

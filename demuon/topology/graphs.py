@@ -156,9 +156,11 @@ def torus(n: int, rows: int | None = None) -> torch.Tensor:
     return A
 
 
-def exponential(n: int) -> torch.Tensor:
-    """Static exponential graph of Ying et al.: arcs ``i → i + 2^h``, ``h = 0 … ⌈log₂N⌉−1``."""
-    return circulant(n, exponential_hops(n))
+def exponential(n: int, directed: bool = False) -> torch.Tensor:
+    """Static exponential graph: edges ``i ↔ i ± 2^h``, ``h = 0 … ⌈log₂N⌉−1`` (undirected), or
+    with ``directed`` Ying et al.'s arcs ``i → i + 2^h`` only."""
+    hops = exponential_hops(n)
+    return circulant(n, hops if directed else tuple(sorted({*hops, *(n - h for h in hops)})))
 
 
 def directed_exponential(n: int) -> torch.Tensor:

@@ -43,7 +43,7 @@ TOPOLOGY_OPTIONS: dict[str, tuple[str, ...]] = {
     "ring": (),
     "torus": ("rows",),
     "hypercube": (),
-    "exponential": (),
+    "exponential": ("directed",),
     "directed_exponential": (),
     "one_peer_exponential": ("t",),
     "erdos_renyi": ("p", "seed"),
@@ -229,7 +229,6 @@ def _adjacency(name: str, n: int, options: dict[str, object]) -> tuple[torch.Ten
         "complete": graphs.complete,
         "ring": graphs.ring,
         "hypercube": graphs.hypercube,
-        "exponential": graphs.exponential,
         "directed_exponential": graphs.directed_exponential,
         "star": graphs.star,
     }
@@ -237,6 +236,8 @@ def _adjacency(name: str, n: int, options: dict[str, object]) -> tuple[torch.Ten
         return simple[name](n), None
     if name == "torus":
         return graphs.torus(n, _int_option(options, "rows", None)), None
+    if name == "exponential":
+        return graphs.exponential(n, _directed(options)), None
     if name == "one_peer_exponential":
         return graphs.one_peer_exponential(n, _int_option(options, "t", 0) or 0), None
     seed = _int_option(options, "seed", 0) or 0
@@ -250,12 +251,24 @@ def _adjacency(name: str, n: int, options: dict[str, object]) -> tuple[torch.Ten
     return graphs.read_edge_list(path, n)
 
 
+def _directed(options: dict[str, object]) -> bool:
+    value = options.get("directed")
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise TopologyError(
+            "bad_option", f"directed={value!r} must be true or false", where="directed", value=value
+        )
+    return value
+
+
 def canonical_weights(name: str, A: torch.Tensor, file_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """The weights ALGORITHMS.md §6 gives topology ``name`` on its graph ``A``."""
+    """The weights ALGORITHMS.md §6 gives topology ``name`` on its graph ``A`` (the undirected
+    static exponential graph gets Metropolis weights; Ying et al.'s directed one ``1/(τ+1)``)."""
     tau = len(graphs.exponential_hops(A.shape[0]))
     if name in ("complete", "hypercube", "torus"):
         return max_degree_weights(A)
-    if name == "exponential":
+    if name == "exponential" and not bool(torch.equal(A, A.T)):
         return uniform_weights(A, 1.0 / (tau + 1))
     if name == "directed_exponential":
         return uniform_weights(A, 1.0 / (tau + 2))
@@ -270,7 +283,7 @@ def mixing_matrix(name: str, n: int, **options: object) -> torch.Tensor:
     """N×N float64 mixing matrix of topology ``name`` on ``n`` peers, validated.
 
     ``options``: ``weights`` (one of ``WEIGHT_RULES``; None = canonical) and the topology's own
-    (``TOPOLOGY_OPTIONS``): ``rows`` (torus), ``t`` (one-peer round), ``p``/``seed`` (Erdős–Rényi),
+    (``TOPOLOGY_OPTIONS``): ``rows`` (torus), ``directed`` (exponential), ``t`` (one-peer round), ``p``/``seed`` (Erdős–Rényi),
     ``radius``/``seed`` (random geometric), ``path`` (edge list). A None value means the default.
     """
     if name not in TOPOLOGY_OPTIONS:
@@ -302,6 +315,7 @@ def _config_options(cfg: TopologyConfig, t: int) -> dict[str, object]:
         "radius": cfg.radius,
         "seed": cfg.seed,
         "path": cfg.edges_file,
+        "directed": cfg.directed,
     }
     return {key: every[key] for key in TOPOLOGY_OPTIONS[cfg.name]}
 

@@ -130,11 +130,29 @@ def test_four_by_four_torus_gives_one_fifth_to_self_and_each_grid_neighbour() ->
 
 
 @pytest.mark.parametrize(("n", "lam"), [(8, 0.5), (16, 0.6), (32, 2 / 3)])
-def test_static_exponential_gives_one_over_tau_plus_one_to_self_and_each_hop(n: int, lam: float) -> None:
-    W = mixing_matrix("exponential", n)
+def test_directed_static_exponential_gives_one_over_tau_plus_one_to_self_and_each_hop(
+    n: int, lam: float
+) -> None:
+    W = mixing_matrix("exponential", n, directed=True)
     tau = int(math.log2(n))
     assert torch.allclose(W[0][W[0] > 0], torch.full((tau + 1,), 1 / (tau + 1), dtype=torch.float64))
     assert spectral_gap(W) == pytest.approx(lam, abs=1e-12)
+
+
+@pytest.mark.parametrize("n", [8, 16, 32])
+def test_undirected_static_exponential_links_both_ways_with_symmetric_metropolis_weights(n: int) -> None:
+    W = mixing_matrix("exponential", n)
+    hops = [1 << h for h in range(int(math.log2(n)))]
+    assert sorted(torch.nonzero(W[0]).flatten().tolist()) == sorted({0, *hops, *(n - h for h in hops)})
+    assert torch.equal(W, W.T)
+    assert torch.allclose(W.sum(0), torch.ones(n, dtype=torch.float64))
+    assert spectral_gap(W) < spectral_gap(mixing_matrix("ring", n))
+
+
+def test_directed_must_be_a_boolean() -> None:
+    with pytest.raises(TopologyError) as err:
+        mixing_matrix("exponential", 8, directed="yes")
+    assert err.value.problem == "bad_option" and err.value.where == "directed"
 
 
 # -------------------------------------------------------------------------- every named topology
