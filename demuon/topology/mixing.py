@@ -283,8 +283,9 @@ def mixing_matrix(name: str, n: int, **options: object) -> torch.Tensor:
     """N×N float64 mixing matrix of topology ``name`` on ``n`` peers, validated.
 
     ``options``: ``weights`` (one of ``WEIGHT_RULES``; None = canonical) and the topology's own
-    (``TOPOLOGY_OPTIONS``): ``rows`` (torus), ``directed`` (exponential), ``t`` (one-peer round), ``p``/``seed`` (Erdős–Rényi),
-    ``radius``/``seed`` (random geometric), ``path`` (edge list). A None value means the default.
+    (``TOPOLOGY_OPTIONS``): ``rows`` (torus), ``directed`` (exponential), ``t`` (one-peer round),
+    ``p``/``seed`` (Erdős–Rényi), ``radius``/``seed`` (random geometric), ``path`` (edge list).
+    A None value means the default.
     """
     if name not in TOPOLOGY_OPTIONS:
         raise _bad_option("name", name, TOPOLOGY_NAMES)
