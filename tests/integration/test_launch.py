@@ -20,7 +20,7 @@ from pathlib import Path
 
 import aiomqtt
 
-from demuon import compose, results
+from demuon import cli, compose, results
 from demuon.config import load_config
 from tests.integration.broker import mosquitto, needs_broker
 
@@ -190,3 +190,21 @@ async def test_an_mqtt_stop_ends_every_launched_peer_cleanly(tmp_path: Path) -> 
     data = results.read_summary(out)
     assert [p["status"] for p in data["peers"]] == ["stopped"] * N_PEERS
     assert [p["exit_code"] for p in data["peers"]] == [0] * N_PEERS
+
+
+def test_launch_and_simulate_on_the_oracle_file_write_the_same_fingerprints(tmp_path: Path) -> None:
+    """DESIGN §4's strongest check through the user-facing commands and the one result schema."""
+    oracle = Path(__file__).resolve().parents[2] / "configs" / "oracle-ring4.toml"
+    ports = free_ports(N_PEERS)
+    endpoints = ", ".join(f'{{id = {i}, endpoint = "tcp://127.0.0.1:{p}"}}' for i, p in enumerate(ports))
+    out = tmp_path / "launch"
+    with launched(oracle, out, [f"network.peers=[{endpoints}]"]) as proc:
+        output, _ = proc.communicate(timeout=DEADLINE_S)
+        assert proc.returncode == 0, output.decode()
+    assert cli.main(["simulate", "--config", str(oracle), "--out", str(tmp_path / "sim")]) == 0
+    launched_summary = results.read_summary(out)
+    simulated_summary = results.read_summary(tmp_path / "sim")
+    assert [p["fingerprint"] for p in launched_summary["peers"]] == [
+        p["fingerprint"] for p in simulated_summary["peers"]
+    ]
+    assert launched_summary["average"] == simulated_summary["average"]
