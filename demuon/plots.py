@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -48,24 +49,44 @@ def plot_runs(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path, title
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
-def plot_peer_losses(per_peer: Mapping[int, Sequence[Mapping[str, Any]]], path: Path, title: str) -> Path:
-    """Train loss of every peer (daemon runs: one metrics file per peer)."""
+def plot_per_peer(
+    per_peer: Mapping[int, Sequence[Mapping[str, Any]]],
+    key: str,
+    path: Path,
+    *,
+    title: str,
+    ylabel: str,
+    log: bool = False,
+    cumulative: bool = False,
+) -> Path:
+    """One line per peer of ``key`` against the round (optionally its running total)."""
     fig, ax = plt.subplots(figsize=(8, 5))
+    drawn: list[float] = []
     for peer, rows in sorted(per_peer.items()):
-        xs, ys = _series(rows, "train_loss")
-        ax.plot(xs, ys, label=f"peer {peer}", linewidth=1)
+        xs, ys = _series(rows, key)
+        if cumulative:
+            ys = list(itertools.accumulate(ys))
+        if xs:
+            ax.plot(xs, ys, label=f"peer {peer}", linewidth=1)
+            drawn += ys
+    if not drawn:
+        ax.text(0.5, 0.5, f"no '{key}' in the metrics", ha="center", va="center", transform=ax.transAxes)
+    elif log and min(drawn) > 0:
+        ax.set_yscale("log")
     ax.set_xlabel("round")
-    ax.set_ylabel("train loss")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    if drawn:
+        ax.legend(fontsize=7, ncol=2)
+    return save(fig, path)
+
+
+def save(fig: Any, path: Path) -> Path:
+    """Write ``fig`` as a PNG at ``path`` (folders made as needed) and close it."""
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -226,45 +226,6 @@ def run_table(runs: Mapping[str, Sequence[Mapping[str, Any]]], directory: Path) 
     return table
 
 
-def plot_per_peer(
-    per_peer: PerPeer,
-    key: str,
-    path: Path,
-    *,
-    title: str,
-    ylabel: str,
-    log: bool = False,
-    cumulative: bool = False,
-) -> Path:
-    """One line per peer of ``key`` against the round (optionally its running total)."""
-    fig, ax = plt.subplots(figsize=(8, 5))
-    drawn: list[float] = []
-    for peer, rows in sorted(per_peer.items()):
-        xs, ys = [], []
-        acc = 0.0
-        for r in rows:
-            v = _num(r.get(key))
-            if v is None or "round" not in r:
-                continue
-            acc = acc + v if cumulative else v
-            xs.append(float(r["round"]))
-            ys.append(acc)
-        if xs:
-            ax.plot(xs, ys, label=f"peer {peer}", linewidth=1)
-            drawn += ys
-    if not drawn:
-        ax.text(0.5, 0.5, f"no '{key}' in the metrics", ha="center", va="center", transform=ax.transAxes)
-    elif log and min(drawn) > 0:
-        ax.set_yscale("log")
-    ax.set_xlabel("round")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    if drawn:
-        ax.legend(fontsize=7, ncol=2)
-    return _save(fig, path)
-
-
 def plot_average(per_peer: PerPeer, summary: Mapping[str, Any] | None, path: Path) -> Path:
     """Final train loss of each peer (bars) and the averaged model's validation loss (line)."""
     fig, ax = plt.subplots(figsize=(8, 5))
@@ -286,15 +247,7 @@ def plot_average(per_peer: PerPeer, summary: Mapping[str, Any] | None, path: Pat
         ax.set_title("final losses: each peer vs the averaged model")
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
-    return _save(fig, path)
-
-
-def _save(fig: Any, path: Path) -> Path:
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return plots.save(fig, path)
 
 
 def report_launch(directory: Path, console: Console) -> list[Path]:
@@ -310,9 +263,15 @@ def report_launch(directory: Path, console: Console) -> list[Path]:
         f", {summary['algorithm']} on {summary['topology']}" if summary else ""
     )
     return [
-        plots.plot_peer_losses(per_peer, directory / "loss.png", f"train loss per peer ({title})"),
+        plots.plot_per_peer(
+            per_peer,
+            "train_loss",
+            directory / "loss.png",
+            title=f"train loss per peer ({title})",
+            ylabel="train loss",
+        ),
         plot_average(per_peer, summary, directory / "average.png"),
-        plot_per_peer(
+        plots.plot_per_peer(
             per_peer,
             "local_disagreement",
             directory / "disagreement.png",
@@ -320,7 +279,7 @@ def report_launch(directory: Path, console: Console) -> list[Path]:
             ylabel="‖X_i − Σ_j w_ij X_j‖",
             log=True,
         ),
-        plot_per_peer(
+        plots.plot_per_peer(
             per_peer,
             "bytes_out",
             directory / "bytes.png",
