@@ -81,20 +81,16 @@ def _f(value: float | None, spec: str = ".4f") -> str:
 
 
 def average_validation_loss(config: Config, states: Sequence[Mapping[str, Any]]) -> float | None:
-    """Validation loss of the model whose parameters are the mean of the peers' tensors."""
+    """Validation loss of the averaged model of a launch (None without any peer's tensors)."""
     import torch
 
+    from demuon.simulate import averaged_validation_loss
     from demuon.workloads import make_workload
 
     if not states:
         return None
     workload = make_workload(config.workload, seed=config.seed, device=torch.device("cpu"))
-    model = workload.build_model(config.seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            stacked = torch.stack([torch.as_tensor(s[name]).to(torch.float64) for s in states])
-            param.copy_(stacked.mean(0).to(param.dtype))
-    return float(workload.validation_loss(model))
+    return averaged_validation_loss(workload, config.seed, states)
 
 
 def peer_final(config: Config, directory: Path, peer: int) -> tuple[dict[str, Any], Mapping[str, Any] | None]:

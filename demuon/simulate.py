@@ -67,12 +67,21 @@ def tracking_gap(peers: Sequence[Peer]) -> float | None:
     return sq**0.5
 
 
-def averaged_validation_loss(peers: Sequence[Peer], workload: Workload, seed: int) -> float:
-    """Validation loss of the model whose parameters are the average of all peers'."""
-    model = workload.build_model(seed).to(peers[0].device, peers[0].dtype)
+def averaged_validation_loss(
+    workload: Workload,
+    seed: int,
+    states: Sequence[Mapping[str, torch.Tensor]],  # each peer's parameters by name (not modified)
+    *,
+    device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> float:
+    """Validation loss of the model whose parameters are the mean of the peers' (the mean is
+    taken in float64, then cast to ``dtype``). The simulator and ``demuon launch`` both use it."""
+    model = workload.build_model(seed).to(device or torch.device("cpu"), dtype)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            param.copy_(torch.stack([p.params[name].detach() for p in peers]).mean(0))
+            stacked = torch.stack([torch.as_tensor(s[name]).to(param.device, torch.float64) for s in states])
+            param.copy_(stacked.mean(0))
     return float(workload.validation_loss(model))
 
 
@@ -106,7 +115,9 @@ def run(config: Config, *, out: Path | None = None, progress: ProgressHook | Non
             loss, sent = simulate_round(peers, k)
             last = k == config.rounds - 1
             val = (
-                averaged_validation_loss(peers, workload, config.seed)
+                averaged_validation_loss(
+                    workload, config.seed, [p.X() for p in peers], device=device, dtype=peers[0].dtype
+                )
                 if last or (k + 1) % config.eval_every == 0
                 else None
             )
