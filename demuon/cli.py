@@ -14,7 +14,6 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
 
 from demuon.config import ALGORITHM_NAMES, Config, load_config
 from demuon.errors import DemuonError
@@ -69,27 +68,10 @@ def simulate_many(config: Config, algorithms: Sequence[str], out: Path | None) -
 
 
 def print_run_table(runs: dict[str, Any]) -> None:
-    table = Table(title="results (simulator)")
-    for col in (
-        "algorithm",
-        "lr",
-        "final train loss",
-        "val loss (average model)",
-        "consensus error",
-        "MB sent",
-    ):
-        table.add_column(col, justify="right")
-    for name, r in runs.items():
-        last = r.rows[-1]
-        table.add_row(
-            name,
-            f"{r.config.algorithm.lr:g}",
-            f"{last['train_loss']:.4f}",
-            f"{r.summary['average']['validation_loss']:.4f}",
-            f"{last['consensus_error']:.3g}",
-            f"{sum(row['bytes'] for row in r.rows) / 1e6:.1f}",
-        )
-    Console().print(table)
+    from demuon.report import run_table
+
+    rows = {name: r.rows for name, r in runs.items()}
+    Console().print(run_table(rows, {name: r.summary for name, r in runs.items()}, "results"))
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:

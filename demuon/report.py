@@ -196,26 +196,26 @@ def peer_table(per_peer: PerPeer, summary: Mapping[str, Any] | None) -> Table:
     return table
 
 
-def run_table(runs: Mapping[str, Sequence[Mapping[str, Any]]], directory: Path) -> Table:
-    table = Table(title="demuon report — simulator runs")
-    for col in (
-        "run",
-        "rounds",
-        "final train loss",
-        "val loss (average model)",
-        "consensus error",
-        "MB sent",
-    ):
+def run_table(
+    runs: Mapping[str, Sequence[Mapping[str, Any]]],  # run name → metrics rows
+    summaries: Mapping[str, Mapping[str, Any] | None],  # run name → its summary.json, if any
+    title: str = "demuon report — simulator runs",
+) -> Table:
+    """One row per simulator run: η, rounds, final train loss, validation loss of the averaged
+    model, consensus error, payload MB (``demuon simulate`` prints it; so does ``report``)."""
+    table = Table(title=title)
+    columns = ("run", "η", "rounds", "final train loss", "val loss (average model)", "consensus error", "MB")
+    for col in columns:
         table.add_column(col, justify="right")
     for name, rows in runs.items():
-        summary = _summary(directory / name) or (_summary(directory) if len(runs) == 1 else None)
-        val = _num(((summary or {}).get("average") or {}).get("validation_loss"))
+        summary = summaries.get(name) or {}
         last = rows[-1] if rows else {}
         table.add_row(
             name,
+            _f(_num(summary.get("lr")), "g"),
             str(len(rows)),
             _f(_num(last.get("train_loss"))),
-            _f(val),
+            _f(_num((summary.get("average") or {}).get("validation_loss"))),
             _f(_num(last.get("consensus_error")), ".3g"),
             f"{_total(rows, 'bytes') / 1e6:.2f}",
         )
@@ -292,7 +292,10 @@ def report_simulate(directory: Path, console: Console) -> list[Path]:
         f"[yellow]note:[/yellow] {directory} holds simulator output (all peers in one process): there are "
         "no per-peer metrics, so the per-peer plots need a `demuon launch` folder; showing per-run results."
     )
-    console.print(run_table(runs, directory))
+    summaries = {
+        name: _summary(directory / name) or (_summary(directory) if len(runs) == 1 else None) for name in runs
+    }
+    console.print(run_table(runs, summaries))
     return [plots.plot_runs(runs, directory / "report.png", f"simulator runs in {directory.name}")]
 
 

@@ -145,7 +145,11 @@ def run(config: Config, *, out: Path | None = None, progress: ProgressHook | Non
         peers=[results.peer_entry(p.index, p.round, p.last_loss, p.fingerprint()) for p in peers],
         validation_loss=res.rows[-1]["val_loss"],
         source="simulate",
-        extra={"wall_s": time.perf_counter() - start, "codec": config.gossip.codec.kind},
+        extra={
+            "wall_s": time.perf_counter() - start,
+            "codec": config.gossip.codec.kind,
+            "lr": config.algorithm.lr,
+        },
     )
     if out:
         results.write_summary(out, res.summary)
