@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,21 +22,11 @@ import aiomqtt
 from demuon import cli, compose, results
 from demuon.config import load_config
 from tests.integration.broker import mosquitto, needs_broker
+from tests.integration.test_daemon_oracle import free_ports
 
 N_PEERS = 4
 ROUNDS = 6
 DEADLINE_S = 90.0
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def write_config(path: Path, rounds: int) -> Path:
