@@ -1,3 +1,3 @@
-from demuon.cli import main
+from demuon.app.cli import main
 
 raise SystemExit(main())

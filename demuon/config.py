@@ -13,11 +13,13 @@ factory explicitly, which is the one place user code is plugged in).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import EnvSettingsSource
@@ -48,8 +50,8 @@ TopologyName = Literal[
 
 class TopologyConfig(Frozen):
     """Who talks to whom. ``weights`` ``None`` means the topology's canonical weights
-    (ALGORITHMS.md §6: ring → Metropolis 1/3, hypercube → 1/(d+1), directed_exponential → DeMuon
-    code, ...)."""
+    (docs/algorithms.md §4.1: ring → Metropolis 1/3, hypercube → 1/(d+1), directed_exponential →
+    the DeMuon authors' weights, ...)."""
 
     name: TopologyName = "ring"
     weights: Literal["metropolis", "max_degree", "lazy_metropolis", "lazy_max_degree"] | None = None
@@ -95,8 +97,15 @@ Schedule = Annotated[
 
 # -------------------------------------------------------------------------------- algorithms
 
+#: The algorithms a config may name; ``demuon.node.algorithms.REGISTRY`` has one row for each
+#: (it refuses to import if the two disagree).
 AlgorithmName = Literal["demuon", "dsgd", "dsgd_clip", "gt_dsgd", "gt_nsgdm"]
-ALGORITHM_NAMES: tuple[str, ...] = ("demuon", "dsgd", "dsgd_clip", "gt_dsgd", "gt_nsgdm")
+ALGORITHM_NAMES: tuple[str, ...] = get_args(AlgorithmName)
+
+#: DSGD-Clip's threshold τ_k = CLIP_SCALE · max(k, 1)^CLIP_POWER (the DeMuon authors'
+#: ``dsgd_gclip_decay``, docs/algorithms.md §3.2).
+CLIP_SCALE = 0.1
+CLIP_POWER = 0.4
 
 MatrixRoute = Literal["newton_schulz", "polar_svd"]
 VectorRoute = Literal["normalize", "sign", "rms"]
@@ -104,7 +113,7 @@ EmbeddingRoute = Literal["newton_schulz", "colnorm", "rownorm", "sign"]
 
 
 class RoutingConfig(Frozen):
-    """How DeMuon orthogonalises each kind of parameter (ALGORITHMS.md §1.5, §5.4).
+    """How DeMuon orthogonalises each kind of parameter (docs/algorithms.md §2.4, §5.3).
     Defaults are paper-faithful: every ≥2-D tensor through Newton–Schulz, 1-D → V/‖V‖₂, 0-D → sign."""
 
     matrix: MatrixRoute = "newton_schulz"
@@ -124,8 +133,10 @@ class AlgorithmConfig(Frozen):
     lr: float = Field(default=0.02, gt=0.0, description="η (peak step size)")
     theta: float = Field(default=0.2, gt=0.0, le=1.0, description="θ: EMA weight on the new gradient")
     schedule: Schedule = Field(default_factory=ConstantSchedule)
-    clip_scale: float = Field(default=0.1, gt=0.0, description="dsgd_clip: τ_k = clip_scale · k^clip_power")
-    clip_power: float = Field(default=0.4, ge=0.0)
+    clip_scale: float = Field(
+        default=CLIP_SCALE, gt=0.0, description="dsgd_clip: τ_k = clip_scale · k^clip_power"
+    )
+    clip_power: float = Field(default=CLIP_POWER, ge=0.0)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
 
 
@@ -174,13 +185,100 @@ CodecConfig = Annotated[
 
 class GossipConfig(Frozen):
     """How messages are compressed. With ``identity`` mixing is exact (Σ_j w_ij Z_j); otherwise
-    C-DeMuon Option A (ALGORITHMS.md §3.3) with consensus step ``gamma``."""
+    C-DeMuon Option A (docs/algorithms.md §6) with consensus step ``gamma``."""
 
     codec: CodecConfig = Field(default_factory=IdentityCodec)
     gamma: float = Field(default=1.0, gt=0.0, le=1.0, description="γ: CHOCO consensus step")
     keyframe_every: int = Field(
         default=50, ge=0, description="compressed only: send a full replica every N rounds (0 = never)"
     )
+    tracker: Literal["running_sum", "self_weight"] = Field(
+        default="running_sum",
+        description="exact mode, phase V: running sums (a lost message's mass arrives with the next one) or "
+        "the old policy (a missing neighbour's weight goes to self, and its mass is lost)",
+    )
+
+
+# ------------------------------------------------------------------------------------ faults
+
+FaultActionName = Literal["drop", "delay", "duplicate", "reorder", "corrupt"]
+PhaseName = Literal["V", "X"]
+
+
+def _round_range(v: tuple[int, int] | None) -> tuple[int, int] | None:
+    if v is not None and not 0 <= v[0] <= v[1]:
+        raise ValueError(f"expected [first, last] with 0 <= first <= last, got {list(v)}")
+    return v
+
+
+class LinkFault(Frozen):
+    """Messages on the matching links meet ``action`` with ``probability``; every filter but
+    ``action`` is optional (all senders, receivers, rounds, phases)."""
+
+    action: FaultActionName
+    probability: float = Field(default=1.0, ge=0.0, le=1.0)
+    phases: tuple[PhaseName, ...] | None = None
+    src: tuple[int, ...] | None = Field(default=None, description="sending peers")
+    dst: tuple[int, ...] | None = Field(default=None, description="receiving peers")
+    rounds: tuple[int, int] | None = Field(default=None, description="[first, last] round, inclusive")
+    delay: int = Field(default=1, ge=1, description="delay/reorder: later messages that overtake it")
+    copies: int = Field(default=1, ge=1, description="duplicate: extra copies")
+
+    _rounds = field_validator("rounds")(classmethod(lambda cls, v: _round_range(v)))
+
+
+class PartitionFault(Frozen):
+    """During ``rounds`` no message crosses between ``groups`` (peers in no group are cut off)."""
+
+    groups: tuple[tuple[int, ...], ...] = Field(min_length=2)
+    rounds: tuple[int, int]
+
+    _rounds = field_validator("rounds")(classmethod(lambda cls, v: _round_range(v)))
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> PartitionFault:
+        seen: set[int] = set()
+        for g in self.groups:
+            if seen & set(g):
+                raise ValueError(f"groups overlap in {sorted(seen & set(g))}")
+            seen |= set(g)
+        return self
+
+
+class PeerFault(Frozen):
+    """What happens to one peer: a crash (SIGKILL by ``demuon launch`` at the start of
+    ``crash_at``, restarted with ``--resume`` after ``restart_after_s`` unless that is omitted) or
+    an announced, permanent leave at the start of ``leave_at``."""
+
+    id: int = Field(ge=0)
+    crash_at: int | None = Field(default=None, ge=0)
+    restart_after_s: float | None = Field(default=None, ge=0.0)
+    leave_at: int | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _one_fate(self) -> PeerFault:
+        if self.crash_at is None and self.leave_at is None:
+            raise ValueError(f"peer {self.id}: give crash_at or leave_at")
+        if self.crash_at is not None and self.leave_at is not None:
+            raise ValueError(f"peer {self.id}: crash_at and leave_at exclude each other")
+        if self.restart_after_s is not None and self.crash_at is None:
+            raise ValueError(f"peer {self.id}: restart_after_s needs crash_at")
+        return self
+
+
+class FaultsConfig(Frozen):
+    """A fault plan (``[faults]`` in a cluster file, or its own file for ``--faults``). Every
+    decision is keyed on (seed, sender, receiver, round, phase), never on the clock, so a run
+    replays exactly; the simulator and the daemon decide the same fates."""
+
+    seed: int = 0
+    link: tuple[LinkFault, ...] = ()
+    partition: tuple[PartitionFault, ...] = ()
+    peer: tuple[PeerFault, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return not (self.link or self.partition or self.peer)
 
 
 # --------------------------------------------------------------------------------- workloads
@@ -311,6 +409,7 @@ class Config(Frozen):
     security: SecurityConfig = Field(default_factory=SecurityConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+    faults: FaultsConfig = Field(default_factory=FaultsConfig)
     per_algorithm: dict[AlgorithmName, dict[str, Any]] = Field(
         default_factory=dict,
         description="algorithm-section overrides applied when that algorithm runs (e.g. its own lr)",
@@ -331,6 +430,22 @@ class Config(Frozen):
                 raise ValueError(f"network.peers ids {ids} must be exactly 0..{self.peers - 1}")
         return self
 
+    @model_validator(mode="after")
+    def _faults_name_real_peers(self) -> Config:
+        f = self.faults
+        named = [("faults.peer.id", p.id) for p in f.peer]
+        named += [("faults.partition.groups", i) for p in f.partition for g in p.groups for i in g]
+        named += [
+            (f"faults.link.{side}", i)
+            for lf in f.link
+            for side in ("src", "dst")
+            for i in getattr(lf, side) or ()
+        ]
+        for where, i in named:
+            if not 0 <= i < self.peers:
+                raise ValueError(f"{where}: peer {i} is not in 0..{self.peers - 1}")
+        return self
+
     def for_algorithm(self, name: str) -> Config:
         """This config with ``algorithm.name = name`` and that algorithm's ``per_algorithm`` overrides."""
         section = {**self.algorithm.model_dump(), **self.per_algorithm.get(name, {}), "name": name}  # type: ignore[call-overload]
@@ -344,6 +459,30 @@ class Config(Frozen):
             if p.id == peer:
                 return p.endpoint
         return f"tcp://{self.network.host}:{self.network.base_port + peer}"
+
+
+#: Settings that may differ between the run that saved a checkpoint and the one that resumes it
+#: (where files go, how the network and telemetry are reached, threads, device, injected faults):
+#: they do not change the mathematics of the run.
+RUN_LOCAL_FIELDS = (
+    "checkpoint",
+    "network",
+    "telemetry",
+    "security",
+    "threads",
+    "device",
+    "eval_every",
+    "faults",  # the environment a run met, not its mathematics: resume without (or with) a plan
+)
+
+
+def math_fingerprint(config: Config) -> str:
+    """sha256 of the config's JSON without :data:`RUN_LOCAL_FIELDS` (keys sorted): two configs
+    with the same fingerprint compute the same run, so a checkpoint of one resumes the other."""
+    data = config.model_dump(mode="json")
+    for name in RUN_LOCAL_FIELDS:
+        data.pop(name, None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
 # ----------------------------------------------------------------------------------- loading
@@ -412,26 +551,34 @@ def config_from_dict(data: dict[str, Any]) -> Config:
         return Config.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or "<root>"
+        field = ".".join(str(p) for p in err["loc"])
+        if not field:  # a check across sections: its message names the fields itself
+            raise ConfigError("", None, err["msg"].removeprefix("Value error, ")) from exc
         raise ConfigError(field, err.get("input"), err["msg"]) from exc
+
+
+def _read_toml(path: str | Path, what: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(what, str(p), "no such file")
+    try:
+        return tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(what, str(p), f"not valid TOML: {exc}") from exc
 
 
 def load_config(
     path: str | Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
     *,
+    faults: str | Path | None = None,
     environ: dict[str, str] | None = None,
 ) -> Config:
-    """Read ``path`` (TOML; None = all defaults), then environment, then ``key=value`` overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError("config", str(p), "no such file")
-        try:
-            data = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError("config", str(p), f"not valid TOML: {exc}") from exc
+    """Read ``path`` (TOML; None = all defaults), then environment, then ``key=value`` overrides;
+    ``faults`` names a fault-plan file that replaces the config's ``[faults]``."""
+    data: dict[str, Any] = _read_toml(path, "config") if path is not None else {}
+    if faults is not None:
+        data["faults"] = _read_toml(faults, "--faults")
     data = _merge(data, env_overrides(environ))
     for item in overrides:
         key, sep, text = item.partition("=")

@@ -21,7 +21,7 @@ class ConfigError(DemuonError, ValueError):
         self.field = field
         self.value = value
         self.reason = reason
-        super().__init__(f"{field}={value!r}: {reason}")
+        super().__init__(f"{field}={value!r}: {reason}" if field else reason)
 
 
 class TopologyError(DemuonError, ValueError):

@@ -1,48 +1,51 @@
 """The one result schema shared by ``demuon simulate`` and ``demuon launch`` (and read by
-``demuon report``): ``metrics.jsonl`` (one JSON object per round) and ``summary.json``.
+``demuon report``), in a run folder ``DIR``:
 
-``summary.json``::
+* ``DIR/peer-<i>/metrics.jsonl``: one row per round of peer i, the keys of
+  :class:`demuon.node.rounds.RoundMetrics` (the same for both commands);
+* ``DIR/cluster.jsonl`` (simulator only): one row per round with ``round, train_loss`` (mean over
+  peers), ``val_loss`` (the averaged model, every ``eval_every`` rounds, else null),
+  ``consensus_error, tracking_gap, bytes_out`` (all peers), ``lr``;
+* ``DIR/summary.json``::
 
-    {"schema": "demuon.summary/1", "algorithm": "demuon", "topology": "ring", "n_peers": 4,
-     "rounds": 20, "source": "simulate" | "launch",
+    {"schema": "demuon.summary/2", "source": "simulate" | "launch", "algorithm": "demuon",
+     "topology": "ring", "codec": "identity", "lr": 0.02, "dtype": "float32", "n_peers": 4,
+     "rounds": 20, "wall_s": 3.1, "interrupted": false, "failed": [], "averaged_peers": [0, 1, 2, 3],
+     "tracking_drift": 1e-15, "faults": {"injected": 0, "missing": 0, "late": 0, ...},
      "peers": [{"id": 0, "final_round": 19, "final_train_loss": 1.23,
-                "fingerprint": {"sum": -3.1, "l2": 10.2}}, ...],
+                "fingerprint": {"sum": -3.1, "l2": 10.2}, "status": "done", "exit_code": 0,
+                "from": "final"}, ...],
      "average": {"validation_loss": 1.30}}
 
-Files are written atomically (temp file, fsync, rename), so a crash never leaves half a summary.
+  ``status`` is done | stopped | crashed | failed; ``from`` names where the peer's final state was
+  read (final, checkpoint, metrics, none; the simulator's is always final). ``tracking_drift`` is
+  ‖mean V − mean M‖ / ‖mean M‖ at the end, tracker mass in flight counted as delivered (None
+  without a tracker, or when a peer's state is missing); ``faults`` totals the rows' counters.
+
+``summary.json`` is written atomically (temp file, fsync, rename), so a crash never leaves half a
+summary; ``.jsonl`` files are appended and flushed row by row, and a torn last line is ignored
+when read. A peer that finished also leaves ``peer-<i>/final.json`` (its summary entry) and
+``peer-<i>/final.pt`` (its parameters).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-SCHEMA = "demuon.summary/1"
+from demuon.atomic import atomic_write_bytes
 
+SCHEMA = "demuon.summary/2"
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same folder, fsync, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+#: Per-peer files of a run folder (``demuon simulate --out DIR`` and ``demuon launch --out DIR``).
+PEER_DIR = "peer-{id}"
+METRICS = "metrics.jsonl"
+#: Cluster-level rows that only the simulator can compute (consensus error, tracking gap,
+#: validation loss of the averaged model), one per round, in ``DIR/cluster.jsonl``.
+CLUSTER = "cluster.jsonl"
 
 
 def _clean(value: Any) -> Any:
@@ -57,39 +60,80 @@ def _clean(value: Any) -> Any:
 
 
 def peer_entry(
-    peer_id: int, final_round: int, final_train_loss: float, fp: tuple[float, float]
+    peer_id: int,
+    final_round: int,
+    final_train_loss: float,
+    fp: tuple[float, float],
+    *,
+    status: str = "done",
+    exit_code: int | None = 0,
+    source: str = "final",
 ) -> dict[str, Any]:
+    """One peer of ``summary.json`` (see the module docstring)."""
     return {
         "id": peer_id,
         "final_round": final_round,
         "final_train_loss": final_train_loss,
         "fingerprint": {"sum": fp[0], "l2": fp[1]},
+        "status": status,
+        "exit_code": exit_code,
+        "from": source,
     }
 
 
 def summary(
     *,
+    source: str,
     algorithm: str,
     topology: str,
+    codec: str,
+    lr: float,
+    dtype: str,
     rounds: int,
     peers: Sequence[Mapping[str, Any]],
     validation_loss: float | None,
-    source: str,
-    extra: Mapping[str, Any] | None = None,
+    averaged_peers: Sequence[int],
+    wall_s: float,
+    interrupted: bool = False,
+    tracking_drift: float | None = None,
+    faults: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
-    out: dict[str, Any] = {
+    """``summary.json`` of a run (every key is always present; see the module docstring)."""
+    entries = sorted((dict(p) for p in peers), key=lambda p: p["id"])
+    return {
         "schema": SCHEMA,
+        "source": source,
         "algorithm": algorithm,
         "topology": topology,
-        "n_peers": len(peers),
+        "codec": codec,
+        "lr": lr,
+        "dtype": dtype,
+        "n_peers": len(entries),
         "rounds": rounds,
-        "source": source,
-        "peers": sorted((dict(p) for p in peers), key=lambda p: p["id"]),
+        "wall_s": wall_s,
+        "interrupted": interrupted,
+        "failed": [p["id"] for p in entries if p.get("status") == "failed"],
+        "averaged_peers": sorted(averaged_peers),
+        "tracking_drift": tracking_drift,
+        "faults": {key: int((faults or {}).get(key, 0)) for key in FAULT_COUNTS},
+        "peers": entries,
         "average": {"validation_loss": validation_loss},
     }
-    if extra:
-        out.update(extra)
-    return out
+
+
+#: Per-round row counters that ``summary.json`` totals under ``faults``.
+FAULT_COUNTS = ("injected", "missing", "late", "duplicates", "rejected", "stale_dropped", "skipped")
+
+
+def fault_totals(per_peer: Mapping[int, Sequence[Mapping[str, Any]]]) -> dict[str, int]:
+    """The :data:`FAULT_COUNTS` summed over every row of every peer (``missing`` counts senders)."""
+    totals = dict.fromkeys(FAULT_COUNTS, 0)
+    for rows in per_peer.values():
+        for r in rows:
+            for key in FAULT_COUNTS:
+                v = r.get(key)
+                totals[key] += len(v) if isinstance(v, list) else int(v) if isinstance(v, int | float) else 0
+    return totals
 
 
 def write_summary(directory: Path, data: Mapping[str, Any]) -> Path:
@@ -131,3 +175,68 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return rows
+
+
+def peer_folder(directory: Path, peer_id: int) -> Path:
+    """``DIR/peer-<id>``: where peer ``peer_id`` of a run writes its files."""
+    return directory / PEER_DIR.format(id=peer_id)
+
+
+def read_per_peer(directory: Path) -> dict[int, list[dict[str, Any]]]:
+    """``{peer id: rows}`` of every ``DIR/peer-<i>/metrics.jsonl`` (a folder without one: no rows)."""
+    out: dict[int, list[dict[str, Any]]] = {}
+    for sub in directory.iterdir() if directory.is_dir() else ():
+        name, _, number = sub.name.partition("-")
+        if sub.is_dir() and name == "peer" and number.isdigit():
+            path = sub / METRICS
+            out[int(number)] = read_metrics(path) if path.is_file() else []
+    return dict(sorted(out.items()))
+
+
+def read_cluster(directory: Path) -> list[dict[str, Any]]:
+    """``DIR/cluster.jsonl`` rows (empty for a launch folder, which has none)."""
+    path = directory / CLUSTER
+    return read_metrics(path) if path.is_file() else []
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+
+
+def run_series(
+    per_peer: Mapping[int, Sequence[Mapping[str, Any]]], cluster: Sequence[Mapping[str, Any]] = ()
+) -> list[dict[str, Any]]:
+    """One row per round for plots and tables, from the per-peer rows (and the simulator's
+    cluster rows where there are any): ``round``, ``train_loss`` (mean over the peers that ran the
+    round) with ``train_loss_min``/``train_loss_max``, ``bytes_out`` (all peers),
+    ``local_disagreement`` (mean), ``missing`` (messages missing, all peers), ``down`` (peers that
+    saw a neighbour down), and from ``cluster.jsonl`` ``val_loss``, ``consensus_error``,
+    ``tracking_gap`` (None for a launch)."""
+    by_round: dict[int, list[Mapping[str, Any]]] = {}
+    for rows in per_peer.values():
+        for r in rows:
+            if isinstance(r.get("round"), int):
+                by_round.setdefault(int(r["round"]), []).append(r)
+    extra = {int(r["round"]): r for r in cluster if isinstance(r.get("round"), int)}
+    out = []
+    for k in sorted(set(by_round) | set(extra)):
+        rows = by_round.get(k, [])
+        losses = [v for r in rows if (v := _number(r.get("train_loss"))) is not None]
+        dis = [v for r in rows if (v := _number(r.get("local_disagreement"))) is not None]
+        c = extra.get(k, {})
+        out.append(
+            {
+                "round": k,
+                "train_loss": sum(losses) / len(losses) if losses else _number(c.get("train_loss")),
+                "train_loss_min": min(losses, default=None),
+                "train_loss_max": max(losses, default=None),
+                "bytes_out": sum(_number(r.get("bytes_out")) or 0.0 for r in rows) if rows else None,
+                "local_disagreement": sum(dis) / len(dis) if dis else None,
+                "missing": sum(len(r.get("missing") or ()) for r in rows),
+                "down": sum(1 for r in rows if r.get("down")),
+                "val_loss": _number(c.get("val_loss")),
+                "consensus_error": _number(c.get("consensus_error")),
+                "tracking_gap": _number(c.get("tracking_gap")),
+            }
+        )
+    return out

@@ -4,10 +4,10 @@ A checkpoint is one file ``<dir>/peer-<id>.pt`` (``torch.save`` of plain contain
 loaded back with ``weights_only=True``, so loading never runs code from the file)::
 
     {"format": "demuon.checkpoint/1", "peer": id, "round": last completed round,
-     "config": fingerprint of the run-independent settings, "state": Peer.state_dict(),
+     "config": demuon.config.math_fingerprint of the run's settings, "state": Peer.state_dict(),
      "rng": {"torch": ByteTensor, "python": random.getstate()}}
 
-Writes go through :func:`demuon.results.atomic_write_bytes` (temp file in the same folder, flush,
+Writes go through :func:`demuon.atomic.atomic_write_bytes` (temp file in the same folder, flush,
 fsync, ``os.replace``, fsync of the folder): a crash mid-write leaves the previous checkpoint as it
 was. :func:`load_checkpoint` raises :class:`~demuon.errors.CheckpointError` naming the path for a
 missing, unreadable or truncated file, another peer's checkpoint, or a different configuration.
@@ -15,47 +15,32 @@ missing, unreadable or truncated file, another peer's checkpoint, or a different
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import random
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from demuon.config import Config
+from demuon.atomic import atomic_write_bytes
 from demuon.errors import CheckpointError
 from demuon.node.peer import Peer
-from demuon.results import atomic_write_bytes
 
 FORMAT = "demuon.checkpoint/1"
-
-#: Settings that may differ between the run that saved a checkpoint and the one that resumes it
-#: (where files go, how the network and telemetry are reached, threads, device): they do not
-#: change the mathematics of the run.
-RUN_LOCAL_FIELDS = ("checkpoint", "network", "telemetry", "security", "threads", "device", "eval_every")
 
 
 def checkpoint_path(directory: Path, peer_id: int) -> Path:
     return Path(directory) / f"peer-{peer_id}.pt"
 
 
-def config_fingerprint(config: Config) -> str:
-    """sha256 of the config's JSON without :data:`RUN_LOCAL_FIELDS` (keys sorted)."""
-    data = config.model_dump(mode="json")
-    for name in RUN_LOCAL_FIELDS:
-        data.pop(name, None)
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
-
-
-def save_checkpoint(directory: Path, peer: Peer, config: Config) -> Path:
-    """Write peer ``peer``'s state after its last completed round (``peer.round``). Returns the path."""
+def save_checkpoint(directory: Path, peer: Peer, fingerprint: str) -> Path:
+    """Write peer ``peer``'s state after its last completed round (``peer.round``), tagged with
+    the run's ``fingerprint`` (``demuon.config.math_fingerprint``). Returns the path."""
     blob = {
         "format": FORMAT,
         "peer": peer.index,
         "round": peer.round,
-        "config": config_fingerprint(config),
+        "config": fingerprint,
         "state": peer.state_dict(),
         "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
     }
@@ -66,7 +51,7 @@ def save_checkpoint(directory: Path, peer: Peer, config: Config) -> Path:
     return path
 
 
-def load_checkpoint(directory: Path, peer_id: int, config: Config) -> dict[str, Any]:
+def load_checkpoint(directory: Path, peer_id: int, fingerprint: str) -> dict[str, Any]:
     """Read and check peer ``peer_id``'s checkpoint; see the module docstring for what fails."""
     path = checkpoint_path(directory, peer_id)
     try:
@@ -86,7 +71,7 @@ def load_checkpoint(directory: Path, peer_id: int, config: Config) -> dict[str, 
         raise CheckpointError(f"corrupt checkpoint (missing {missing})", path=str(path))
     if blob["peer"] != peer_id:
         raise CheckpointError(f"checkpoint is peer {blob['peer']}'s, not peer {peer_id}'s", path=str(path))
-    if blob["config"] != config_fingerprint(config):
+    if blob["config"] != fingerprint:
         raise CheckpointError("checkpoint was written with a different configuration", path=str(path))
     return blob
 

@@ -4,11 +4,12 @@
 
 * the **receive** task: ``transport.recv()`` → :meth:`Gossip.deliver` (the mailbox), always
   draining the socket, also while the round loop computes;
-* the **training** task: the rounds (DESIGN.md §4); gradient, ``message()`` and ``mix()`` run in
-  one worker thread (the daemon's own single-thread executor) so the loop keeps receiving. That
-  thread calls ``torch.set_num_threads(config.threads)`` first: the intra-op thread count is
-  per OS thread under OpenMP, and a worker left at the default computes backward passes with a
-  different reduction order (results then differ from the simulator's in the last bits);
+* the **training** task: the rounds (docs/design.md §4, :func:`demuon.node.rounds.run_round`);
+  gradient, ``message()`` and ``mix()`` run in one worker thread (the daemon's own single-thread
+  executor) so the loop keeps receiving. That thread calls ``torch.set_num_threads(threads)``
+  first: the intra-op thread count is per OS thread under OpenMP, and a worker left at the
+  default computes backward passes with a different reduction order (results then differ from
+  the simulator's in the last bits);
 * the **control** task: hands each round's row to the ``on_round`` hook (a bounded queue: a slow
   hook never blocks a round; the oldest rows are dropped and counted);
 * any **services** the composition root passes (e.g. telemetry: ``run()`` then ``close()``).
@@ -18,17 +19,12 @@ from SIGTERM/SIGINT: the current round finishes, a checkpoint is written, the tr
 the process exits 0. A second signal aborts the round at once (no checkpoint; the last periodic
 one stays). Lifecycle: ``NEW → STARTING → RUNNING → STOPPING → STOPPED`` (or ``FAILED``).
 
-Per-round row (``metrics.jsonl``): ``round, train_loss, lr, bytes_out, bytes_in, received``
-(messages used), ``missing`` (senders missing in any phase), ``late, stale_dropped, duplicates,
-ahead_dropped, rejected`` (mailbox/wire drops this round), ``down`` (neighbours down after the
-round), ``keyframe, resends``, ``skipped`` (rounds jumped over to catch up before this one),
-times ``t_compute`` (gradient), ``t_encode`` (local step + encode), ``t_wait`` (send + wait,
-summed over phases), ``t_wait_max`` and ``deadline_s`` (longest single phase wait and the longest
-deadline that applied), ``t_mix, t_round``, ``local_disagreement``
-(‖Y_i − mix(Y)‖ over all parameters in phase X, a consensus proxy one peer can compute), and for
-tracking algorithms on models under :data:`SUMS_MAX_PARAMS` parameters ``sum_V``/``sum_M``: the
-float64 sum of each tensor of V and M after the round (the cluster-wide sums check the tracking
-invariant mean V = mean M).
+Per-round row (``metrics.jsonl``): :class:`demuon.node.rounds.RoundMetrics`, the same keys the
+simulator writes; the daemon fills in ``rejected`` (messages the wire refused this round) and
+``skipped`` (rounds jumped over to catch up before this one).
+
+The daemon is given the sections it uses: the :class:`~demuon.node.peer.Peer`, its
+:class:`~demuon.node.gossip.Gossip` (with the network section) and :class:`DaemonSettings`.
 """
 
 from __future__ import annotations
@@ -41,32 +37,34 @@ import io
 import json
 import logging
 import math
+import os
 import signal
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 import torch
 
 from demuon import results
-from demuon.config import Config
+from demuon.atomic import atomic_write_bytes
 from demuon.errors import TransportError
 from demuon.node.checkpoint import save_checkpoint
-from demuon.node.gossip import ExchangeStats, Gossip, Inbound
-from demuon.node.peer import MixReport, Peer
+from demuon.node.gossip import Gossip, Inbound
+from demuon.node.peer import Peer
+from demuon.node.rounds import RoundMetrics, keyframe_due, run_round
 from demuon.transport.base import Transport
 
-#: Models with fewer parameters log per-tensor sums of V and M every round (cheap at that size).
-SUMS_MAX_PARAMS = 100_000
 #: Rows waiting for the ``on_round`` hook before the oldest is dropped.
 ROW_QUEUE = 64
 
 log = logging.getLogger(__name__)
 
 R = TypeVar("R")
+P = ParamSpec("P")
 RoundHook = Callable[[Mapping[str, Any]], object]
 
 
@@ -121,17 +119,25 @@ class LocalControl:
         await self._running.wait()
 
 
-def _sums(tensors: Mapping[str, torch.Tensor]) -> list[float]:
-    return [float(t.detach().double().sum()) for t in tensors.values()]
+@dataclass(frozen=True)
+class DaemonSettings:
+    """What the round loop needs beyond the peer and its gossip."""
+
+    rounds: int  # K: the run ends after round K − 1
+    threads: int  # torch intra-op threads on the compute thread
+    checkpoint_every: int  # every N rounds (0 = only on shutdown)
+    keyframe_every: int  # compressed only: a full replica every N rounds (0 = never)
+    fingerprint: str  # demuon.config.math_fingerprint of the run, written into checkpoints
+    crash_at: int | None = None  # fault plan: SIGKILL ourselves as round crash_at starts (first life)
 
 
 class Daemon:
-    """Runs peer ``peer`` from ``start_round`` to ``config.rounds − 1`` over ``transport``."""
+    """Runs peer ``peer`` from ``start_round`` to ``settings.rounds − 1`` over ``transport``."""
 
     def __init__(
         self,
         peer: Peer,
-        config: Config,
+        settings: DaemonSettings,
         gossip: Gossip,
         transport: Transport[Inbound],
         *,
@@ -145,7 +151,7 @@ class Daemon:
         handle_signals: bool = True,
     ) -> None:
         self.peer = peer
-        self.config = config
+        self.settings = settings
         self.gossip = gossip
         self.transport = transport
         self.out = out
@@ -165,19 +171,19 @@ class Daemon:
             max_workers=1,
             thread_name_prefix=f"peer{peer.index}-compute",
             initializer=torch.set_num_threads,
-            initargs=(config.threads,),
+            initargs=(settings.threads,),
         )
         self._rows: asyncio.Queue[Mapping[str, Any] | None] = asyncio.Queue(ROW_QUEUE)
         self._train_task: asyncio.Task[None] | None = None
         self._rejected_seen: Counter[str] = Counter()
+        self._injected_seen: Counter[str] = Counter()
         self._metrics: results.MetricsWriter | None = None
-        self._log_sums = "V" in peer.phases and sum(p.numel() for p in peer.params.values()) < SUMS_MAX_PARAMS
         self._closed = False
         self._signalled = False
 
     @property
     def completed(self) -> bool:
-        return self.last_completed == self.config.rounds - 1
+        return self.last_completed == self.settings.rounds - 1
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> DaemonStatus:
@@ -190,7 +196,7 @@ class Daemon:
         for sig in signals:
             loop.add_signal_handler(sig, self._on_signal, sig)
         try:
-            self._metrics = results.MetricsWriter(self.out / "metrics.jsonl")
+            self._metrics = results.MetricsWriter(self.out / results.METRICS)
             await self.transport.start()
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._receive(), name="receive")
@@ -236,7 +242,7 @@ class Daemon:
             self._metrics.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def _compute(self, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
+    async def _compute(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         """Run ``fn`` on the compute thread (the event loop keeps receiving meanwhile)."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
@@ -273,23 +279,27 @@ class Daemon:
         try:
             await self._wait_ready()
             self.status = DaemonStatus.RUNNING
-            every = self.config.checkpoint.every
+            every = self.settings.checkpoint_every
+            rounds = self.settings.rounds
             k = self.start_round
-            while k < self.config.rounds:
+            while k < rounds:
                 await self.control.wait_while_paused()
                 if self.control.stop.is_set():
                     log.info("stop requested: leaving before round %d", k)
                     break
                 target = self._catch_up(k)
                 skipped, k = target - k, target
-                row = await self._round(k)
-                row["skipped"] = skipped
+                if self.settings.crash_at is not None and k >= self.settings.crash_at and not self.resumed:
+                    log.warning("fault plan: crashing (SIGKILL) as round %d starts", k)
+                    logging.shutdown()
+                    os.kill(os.getpid(), signal.SIGKILL)
+                row = (await self._round(k, skipped)).row()
                 self.last_completed = k
                 assert self._metrics is not None
                 self._metrics.write(row)
                 self._queue_row(row)
-                if every and (k + 1) % every == 0 and k != self.config.rounds - 1:
-                    await self._compute(save_checkpoint, self.checkpoint_dir, self.peer, self.config)
+                if every and (k + 1) % every == 0 and k != rounds - 1:
+                    await self._save_checkpoint()
                 k += 1
             self.status = DaemonStatus.STOPPING
             await self._finish()
@@ -301,7 +311,7 @@ class Daemon:
     async def _wait_ready(self) -> None:
         """Start-up: wait (up to ``network.start_timeout_s``) for links to every recipient, so the
         first messages are not dropped by a connection still in progress."""
-        net = self.config.network
+        net = self.gossip.net
         targets = sorted({j for k in range(len(self.peer.views)) for j in self.peer.recipients(k)})
         wait_ready = getattr(self.transport, "wait_ready", None)
         start = time.perf_counter()
@@ -316,9 +326,12 @@ class Daemon:
         left = net.start_timeout_s - (time.perf_counter() - start)
         self.gossip.first_timeout_s = max(net.phase_timeout_s, left)
 
+    async def _save_checkpoint(self) -> Path:
+        return await self._compute(save_checkpoint, self.checkpoint_dir, self.peer, self.settings.fingerprint)
+
     async def _finish(self) -> None:
         if self.last_completed is not None:
-            path = await self._compute(save_checkpoint, self.checkpoint_dir, self.peer, self.config)
+            path = await self._save_checkpoint()
             log.info("checkpoint of round %d written to %s", self.last_completed, path)
         if self.completed:
             await self._compute(self._write_final)
@@ -329,10 +342,10 @@ class Daemon:
         entry = results.peer_entry(self.peer.index, self.last_completed, loss, self.peer.fingerprint())
         if not math.isfinite(loss):
             entry["final_train_loss"] = None  # JSON has no NaN
-        results.atomic_write_bytes(self.out / "final.json", (json.dumps(entry, indent=2) + "\n").encode())
+        atomic_write_bytes(self.out / "final.json", (json.dumps(entry, indent=2) + "\n").encode())
         buf = io.BytesIO()
         torch.save({n: p.detach().cpu().clone() for n, p in self.peer.params.items()}, buf)
-        results.atomic_write_bytes(self.out / "final.pt", buf.getvalue())
+        atomic_write_bytes(self.out / "final.pt", buf.getvalue())
 
     # ------------------------------------------------------------------ one round
     def _catch_up(self, k: int) -> int:
@@ -346,75 +359,29 @@ class Daemon:
         self.gossip.keyframe_wanted = True  # compressed: our replicas at the neighbours are stale
         return target
 
-    def _keyframe(self, k: int) -> bool:
-        if self.peer.exact:
-            return False
-        every = self.config.gossip.keyframe_every
-        return (self.resumed and k == self.start_round) or (every > 0 and k > 0 and k % every == 0)
-
-    def _mix(
-        self, phase: str, k: int, received: dict[int, dict[str, torch.Tensor]], keyframes: frozenset[int]
-    ) -> tuple[MixReport, float | None]:
-        if phase != "X":
-            return self.peer.mix(phase, k, received, keyframes=keyframes), None
-        Y = self.peer.pending("X")  # the pre-mix value, before mix() replaces X
-        report = self.peer.mix(phase, k, received, keyframes=keyframes)
-        sq = sum(
-            float((Y[n].double() - p.detach().double()).square().sum()) for n, p in self.peer.params.items()
-        )
-        return report, sq**0.5
-
-    async def _round(self, k: int) -> dict[str, Any]:
-        t0 = time.perf_counter()
+    async def _round(self, k: int, skipped: int) -> RoundMetrics:
+        """One round through the shared driver; the daemon adds what only it sees."""
         self.gossip.begin_round(k)
-        loss = await self._compute(self.peer.gradient, k)
-        t_compute = time.perf_counter() - t0
-        keyframe = self._keyframe(k) or (not self.peer.exact and self.gossip.keyframe_wanted)
+        keyframe = keyframe_due(
+            k,
+            exact=self.peer.exact,
+            every=self.settings.keyframe_every,
+            resumed_at=self.start_round if self.resumed else None,
+            wanted=self.gossip.keyframe_wanted,
+        )
         self.gossip.keyframe_wanted = False
-        t_encode = t_mix = 0.0
-        disagreement: float | None = None
-        stats: list[ExchangeStats] = []
-        for phase in self.peer.phases:
-            t = time.perf_counter()
-            encoded = await self._compute(self.peer.message, phase, k, keyframe=keyframe)
-            t_encode += time.perf_counter() - t
-            received, keyframes, st = await self.gossip.exchange(k, phase, encoded, keyframe=keyframe)
-            stats.append(st)
-            t = time.perf_counter()
-            _, d = await self._compute(self._mix, phase, k, received, keyframes)
-            disagreement = d if d is not None else disagreement
-            t_mix += time.perf_counter() - t
-        counts = sum((s.counts for s in stats), Counter[str]())
+        metrics = await run_round(
+            self.peer, k, self.gossip, keyframe=keyframe, compute=self._compute, skipped=skipped
+        )
         rejected = self.transport.rejected - self._rejected_seen
         self._rejected_seen = self.transport.rejected.copy()
-        row: dict[str, Any] = {
-            "round": k,
-            "train_loss": loss,
-            "lr": self.peer.lr(k),
-            "bytes_out": sum(s.bytes_out for s in stats),
-            "bytes_in": sum(s.bytes_in for s in stats),
-            "received": sum(len(s.received) for s in stats),
-            "missing": sorted({j for s in stats for j in s.missing}),
-            "late": counts["late"],
-            "stale_dropped": counts["stale"],
-            "duplicates": counts["duplicate"],
-            "ahead_dropped": counts["ahead"],
-            "rejected": sum(rejected.values()),
-            "down": list(stats[-1].down),
-            "keyframe": keyframe,
-            "resends": sum(s.resends for s in stats),
-            "t_compute": t_compute,
-            "t_encode": t_encode,
-            "t_wait": sum(s.waited_s for s in stats),
-            "t_wait_max": max(s.waited_s for s in stats),
-            "deadline_s": max(s.deadline_s for s in stats),
-            "t_mix": t_mix,
-            "t_round": time.perf_counter() - t0,
-            "local_disagreement": disagreement,
-        }
-        if self._log_sums:
-            row["sum_V"] = _sums(self.peer.V)
-            row["sum_M"] = _sums(self.peer.M)
-        if row["missing"]:
-            log.info("round %d: missing %s, down %s", k, row["missing"], row["down"])
-        return row
+        injected = Counter[str](getattr(self.transport, "injected", {}))
+        new_faults = injected - self._injected_seen
+        self._injected_seen = injected.copy()
+        if metrics.missing:
+            log.info("round %d: missing %s, down %s", k, list(metrics.missing), list(metrics.down))
+        return replace(
+            metrics,
+            rejected=metrics.rejected + sum(rejected.values()),
+            injected=metrics.injected + sum(new_faults.values()),
+        )

@@ -1,6 +1,6 @@
 """The round protocol of one peer: send once, collect with a deadline (layer 5).
 
-One exchange of phase ``p`` ("V" or "X") at round ``k`` (DESIGN.md §4 steps 3 and 6)::
+One exchange of phase ``p`` ("V" or "X") at round ``k`` (docs/design.md §4)::
 
     frames = wire.encode(sender=i, round=k, phase=p, codec, tensors, keyframe)   # once
     transport.send(peer.recipients(k), frames)                                   # same frames to all
@@ -39,16 +39,16 @@ import logging
 import time
 from collections import Counter, deque
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-import torch
-
-from demuon.config import Config, IdentityCodec
+from demuon.config import IdentityCodec, NetworkConfig
 from demuon.node.peer import Peer
-from demuon.transport import wire
+from demuon.node.rounds import Delivery, ExchangeStats
+from demuon.transport import wire, wire_errors
 from demuon.transport.base import Buffer, Transport
 from demuon.transport.codecs import Encoded, make_codec
+from demuon.transport.faults import FaultPlan, decide
 
 #: Rounds ahead of the current one whose messages are kept (a neighbour may run this far ahead
 #: of us without losing anything). Independent of the config so every peer agrees on it.
@@ -170,22 +170,6 @@ class Inbound:
     nbytes: int
 
 
-@dataclass
-class ExchangeStats:
-    round: int
-    phase: str
-    waited_s: float  # time spent waiting for neighbours
-    deadline_s: float  # the deadline that applied to this wait
-    waited_for: tuple[int, ...]  # expected senders waited for (not down, or all if all are down)
-    received: tuple[int, ...]
-    missing: tuple[int, ...]
-    down: tuple[int, ...]  # after this phase
-    bytes_out: int
-    bytes_in: int
-    resends: int
-    counts: Counter[str] = field(default_factory=Counter)  # mailbox outcomes since the last exchange
-
-
 def _nbytes(frames: Sequence[Buffer]) -> int:
     return sum(memoryview(f).nbytes for f in frames)
 
@@ -197,16 +181,27 @@ class Gossip:
     :meth:`begin_round` then :meth:`exchange` once per phase. ``decode`` is the function to build
     the transport with: it follows the current round (see :meth:`begin_round`)."""
 
-    def __init__(self, peer: Peer, config: Config, *, start_round: int = 0) -> None:
+    def __init__(
+        self,
+        peer: Peer,
+        network: NetworkConfig,
+        *,
+        n_peers: int,
+        rounds: int,
+        start_round: int = 0,
+        plan: FaultPlan | None = None,  # the run's injected faults (the senders apply them)
+    ) -> None:
         self.peer = peer
-        self.net = config.network
+        self.net = network
+        self.plan = plan if plan is not None and plan.rules else None
         self.mailbox: Mailbox[Inbound] = Mailbox(current=start_round)
         self.liveness = Liveness(self.net.down_after_misses)
         self.transport: Transport[Inbound] | None = None
         self.keyframe_wanted = False  # a neighbour came back: resynchronise its replicas of us
-        self._senders = tuple(range(config.peers))
-        self._rounds = config.rounds
+        self._senders = tuple(range(n_peers))
+        self._rounds = rounds
         self._shapes = {n: tuple(p.shape) for n, p in peer.params.items()}
+        self._keyframe_shapes, self._keyframe_dtypes = peer.keyframe_tensors()
         self._codecs = {"identity": make_codec(IdentityCodec()), peer.codec.kind: peer.codec}
         self._ctx = self._context(start_round)
         self._first_phase = True
@@ -220,7 +215,10 @@ class Gossip:
         return wire.DecodeContext(
             senders=frozenset(self._senders),
             shapes=self._shapes,
-            dtype=torch.float32,
+            dtype=self.peer.dtype,  # what the peers send: float32, or float64 for reference runs
+            phase_dtypes={"V": self.peer.wire_dtype("V")},  # running tracker sums travel in float64
+            keyframe_shapes=self._keyframe_shapes,
+            keyframe_dtypes=self._keyframe_dtypes,
             min_round=max(0, k - 1),
             # far-ahead rounds (up to the run's end) still decode, so a peer left behind learns
             # where its neighbours are (Mailbox.latest) although the mailbox keeps only the window
@@ -233,7 +231,7 @@ class Gossip:
         """The transport's decode: ``wire.decode`` against the current round's context."""
         msg = wire.decode(frames, self._ctx)
         if msg.sender != sender:
-            raise wire.UnknownSender(
+            raise wire_errors.UnknownSender(
                 f"header says sender {msg.sender}, the link is peer {sender}",
                 sender=sender,
                 round=msg.round,
@@ -256,6 +254,13 @@ class Gossip:
             self.keyframe_wanted = True
         self._arrived.set()
         return outcome
+
+    def _doomed(self, sender: int, k: int, phase: str) -> bool:
+        """Whether the fault plan keeps ``sender``'s (k, phase) message from arriving usable."""
+        if self.plan is None:
+            return False
+        rule = decide(self.plan, sender, self.peer.index, (k, phase))
+        return rule is not None and rule.action != "duplicate"
 
     def catch_up_round(self, k: int, senders: Iterable[int]) -> int | None:
         """The round to jump to if this peer was left behind, else None.
@@ -312,22 +317,25 @@ class Gossip:
                 pass
         return time.perf_counter() - clock, resends, resent_bytes  # perf_counter: uvloop's clock is in ms
 
-    def _account(self, expected: tuple[int, ...], got: Mapping[int, Inbound]) -> tuple[int, ...]:
-        """Update liveness from one phase's arrivals. Returns the missing senders."""
+    def _account(
+        self, k: int, phase: str, expected: tuple[int, ...], got: Mapping[int, Inbound]
+    ) -> tuple[int, ...]:
+        """Update liveness from one phase's arrivals (a message the fault plan kept away is no
+        sign of a dead neighbour). Returns the missing senders."""
         for j in got:
             if self.liveness.heard(j):
                 self.keyframe_wanted = True
         missing = tuple(j for j in expected if j not in got)
         for j in missing:
-            if self.liveness.missed(j):
+            if not self._doomed(j, k, phase) and self.liveness.missed(j):
                 log.warning("neighbour %d is down (%d missed phases)", j, self.liveness.misses[j])
         return missing
 
     async def exchange(
         self, k: int, phase: str, encoded: Mapping[str, Encoded], *, keyframe: bool = False
-    ) -> tuple[dict[int, dict[str, torch.Tensor]], frozenset[int], ExchangeStats]:
+    ) -> Delivery:
         """Send this phase's message, wait for the neighbours' (see the module docstring).
-        Returns {sender: decoded tensors}, the senders whose message is a keyframe, and stats."""
+        Returns the decoded tensors by sender, the senders whose message is a keyframe, and stats."""
         codec = "identity" if keyframe else self.peer.codec.kind
         frames: Sequence[Buffer] = list(
             wire.encode(
@@ -345,13 +353,16 @@ class Gossip:
             # through the remaining rounds in milliseconds (and drag everyone to the end when they
             # catch up with us), so an isolated peer still waits out the deadline for them all.
             waiting = list(expected)
+        # A fault plan is shared by both ends: never wait for a message it drops (runs under a
+        # plan replay exactly, whatever the timing; real link faults still meet the deadlines).
+        waiting = [j for j in waiting if not self._doomed(j, k, phase)]
         deadline_s = self.first_timeout_s if self._first_phase else self.net.phase_timeout_s
         self._first_phase = False
         waited, resends, resent_bytes = await self._collect(k, phase, waiting, deadline_s)
 
         got = self.mailbox.take(k, phase, expected)
         self.mailbox.close(k, phase)
-        missing = self._account(expected, got)
+        missing = self._account(k, phase, expected, got)
         counts = self.mailbox.counts - self._counts_seen
         self._counts_seen = self.mailbox.counts.copy()
         stats = ExchangeStats(
@@ -370,4 +381,4 @@ class Gossip:
         )
         received = {j: dict(item.message.tensors) for j, item in got.items()}
         keyframes = frozenset(j for j, item in got.items() if item.message.keyframe)
-        return received, keyframes, stats
+        return Delivery(received, keyframes, stats)

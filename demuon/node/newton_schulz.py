@@ -1,7 +1,8 @@
 """Orthogonalisation of a tracker and the per-parameter routing table (layer 2, pure torch).
 
-``msgn(A) = U Vᵀ`` from the thin SVD ``A = U Σ Vᵀ`` is DeMuon's step direction (ALGORITHMS.md §1.2).
-The fast path is the quintic Newton–Schulz iteration (§5.1, KellerJordan/Muon ``muon.py``)::
+``msgn(A) = U Vᵀ`` from the thin SVD ``A = U Σ Vᵀ`` is DeMuon's step direction
+(docs/algorithms.md §2.1). The fast path is the quintic Newton–Schulz iteration
+(docs/algorithms.md §5.1; KellerJordan/Muon ``muon.py``)::
 
     NS5(G):  a, b, c = 3.4445, −4.7750, 2.0315
              X = G in the compute dtype;  if rows > cols: X = Xᵀ      (work on the wide side)
@@ -11,11 +12,11 @@ The fast path is the quintic Newton–Schulz iteration (§5.1, KellerJordan/Muon
 
 Per singular value the map is ``p(x) = a x + b x³ + c x⁵``; after 5 steps every normalised singular
 value above ≈0.005 lands in ``[0.6818, 1.1344]`` and no output exceeds ``NS5_MAX_SINGULAR``
-(§7 items 1–3). :func:`polar_svd` is the exact float64 reference.
+(docs/algorithms.md §9 items 1–3). :func:`polar_svd` is the exact float64 reference.
 
-Routing (§1.5, §5.4): which direction each parameter tensor takes, chosen once per name and shape
-by :func:`route_for` and applied by :func:`orthogonalize`. Every function returns a new tensor and
-never modifies its inputs.
+Routing (docs/algorithms.md §2.4, §5.3): which direction each parameter tensor takes, chosen once
+per name and shape by :func:`route_for` and applied by :func:`orthogonalize`. Every function
+returns a new tensor and never modifies its inputs.
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ from torch import Tensor
 
 from demuon.config import RoutingConfig
 
-# ALGORITHMS.md §5.1 (KellerJordan/Muon muon.py): quintic coefficients, steps, normalisation guard.
+# docs/algorithms.md §5.1 (KellerJordan/Muon muon.py): quintic coefficients, steps, normalisation guard.
 NS_COEFFS: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
 NS_STEPS = 5
 NS_EPS = 1e-7
-# ALGORITHMS.md §7 item 3: largest singular value NS5 (5 steps, fp32) can output; Lemma 1 with NS5
+# docs/algorithms.md §9 item 3: largest singular value NS5 (5 steps, fp32) can output; Lemma 1 with NS5
 # in place of the exact polar factor is multiplied by this.
 NS5_MAX_SINGULAR = 1.2024
 # Routes: matrix ones see a 2-D view of the tensor; elementwise ones see the whole tensor.
@@ -39,7 +40,7 @@ ROUTES: tuple[str, ...] = MATRIX_ROUTES + ELEMENTWISE_ROUTES
 
 
 def newton_schulz(G: Tensor, steps: int = NS_STEPS, *, dtype: torch.dtype = torch.float32) -> Tensor:
-    """NS5(G) ≈ msgn(G) for a matrix or a batch of matrices ``(..., m, n)`` (ALGORITHMS.md §5.1).
+    """NS5(G) ≈ msgn(G) for a matrix or a batch of matrices ``(..., m, n)`` (docs/algorithms.md §5.1).
 
     Computes in ``dtype`` (bfloat16 or float32; float64 works too and is used by tests), returns in
     G's dtype on G's device. The Frobenius normalisation is per matrix, so a batch gives the same
@@ -60,7 +61,8 @@ def newton_schulz(G: Tensor, steps: int = NS_STEPS, *, dtype: torch.dtype = torc
         X = a * X + B @ X
     if tall:
         X = X.mT
-    return X.to(G.dtype)
+    out: Tensor = X.to(G.dtype)
+    return out
 
 
 def polar_svd(G: Tensor) -> Tensor:
@@ -76,7 +78,8 @@ def polar_svd(G: Tensor) -> Tensor:
     U, S, Vh = torch.linalg.svd(G.to(torch.float64), full_matrices=False)
     tol = max(G.shape[-2:]) * torch.finfo(torch.float64).eps * S[..., :1]
     keep = (S > tol).to(torch.float64)
-    return (U * keep.unsqueeze(-2)) @ Vh
+    out: Tensor = (U * keep.unsqueeze(-2)) @ Vh
+    return out
 
 
 def _contains_any(name: str, patterns: tuple[str, ...]) -> bool:
@@ -84,7 +87,7 @@ def _contains_any(name: str, patterns: tuple[str, ...]) -> bool:
 
 
 def route_for(name: str, shape: tuple[int, ...], routing: RoutingConfig) -> str:
-    """The route of parameter ``name`` with ``shape`` (ALGORITHMS.md §1.5, §5.4).
+    """The route of parameter ``name`` with ``shape`` (docs/algorithms.md §2.4, §5.3).
 
     Size-1 dimensions are dropped first, as the DeMuon code's ``squeeze()`` does (a ``1×128×256``
     positional embedding is a matrix, a ``1×n`` tensor a vector). Then: ≥2-D → ``routing.embedding``
@@ -122,27 +125,27 @@ def safe_divide(V: Tensor, norm: Tensor) -> Tensor:
 
 
 def normalize(V: Tensor) -> Tensor:
-    """``V / ‖V‖₂`` over the whole tensor; zero stays zero (DeMuon's 1-D direction, §1.5)."""
+    """``V / ‖V‖₂`` over the whole tensor; zero stays zero (docs/algorithms.md §2.4)."""
     # V: tracker, not modified.
     return safe_divide(V, torch.linalg.vector_norm(V))
 
 
 def rms_normalize(V: Tensor) -> Tensor:
-    """``V / RMS(V)`` with ``RMS = ‖V‖₂ / √numel``; zero stays zero (Scion's BiasRMS, §5.3)."""
+    """``V / RMS(V)`` with ``RMS = ‖V‖₂ / √numel``; zero stays zero (docs/algorithms.md §5.3)."""
     # V: tracker, not modified.
     rms = torch.linalg.vector_norm(V) / max(V.numel(), 1) ** 0.5
     return safe_divide(V, rms)
 
 
 def column_normalize(V: Tensor) -> Tensor:
-    """Each column ``V[:, j]`` divided by its RMS; zero columns stay zero (Scion's ColNorm, §5.3)."""
+    """Each column ``V[:, j]`` divided by its RMS; zero columns stay zero (docs/algorithms.md §5.3)."""
     # V: 2-D tracker, not modified.
     rms = torch.linalg.vector_norm(V, dim=-2, keepdim=True) / V.shape[-2] ** 0.5
     return safe_divide(V, rms)
 
 
 def row_normalize(V: Tensor) -> Tensor:
-    """Each row ``V[i, :]`` divided by its RMS; zero rows stay zero (Scion's RowNorm, §5.3)."""
+    """Each row ``V[i, :]`` divided by its RMS; zero rows stay zero (docs/algorithms.md §5.3)."""
     # V: 2-D tracker, not modified.
     rms = torch.linalg.vector_norm(V, dim=-1, keepdim=True) / V.shape[-1] ** 0.5
     return safe_divide(V, rms)

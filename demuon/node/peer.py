@@ -1,6 +1,7 @@
 """One peer's state and step: synchronous, no I/O (layer 4).
 
-The simulator and the daemon drive the same object through the same loop::
+The simulator and the daemon drive the same object through the one round driver,
+:func:`demuon.node.rounds.run_round`::
 
     loss = peer.gradient(k)
     for phase in peer.phases:                      # ("V", "X"), or ("X",) for DSGD
@@ -8,7 +9,10 @@ The simulator and the daemon drive the same object through the same loop::
         received = exchange(phase, k, out)         # {sender: {name: decoded tensor}}
         peer.mix(phase, k, received)
 
-Mixing (ALGORITHMS.md §1.2, §3.3), per tensor, for the phase's pre-mix value Z (U or Y):
+A peer is given the config sections it uses (``AlgorithmConfig``, ``GossipConfig``) and a
+:class:`PeerSetup` with the run's shape and a resolved device and dtype, never the root config.
+
+Mixing (docs/algorithms.md §2.1, §6), per tensor, for the phase's pre-mix value Z (U or Y):
 
 * identity codec and γ = 1: exact mixing ``Z_i ← w_ii Z_i + Σ_j w_ij Z_j``, summed self first,
   then in-neighbours by increasing id, so every run of the same inputs is bitwise identical;
@@ -31,13 +35,21 @@ from typing import Any
 
 import torch
 
-from demuon.config import Config, IdentityCodec
-from demuon.node import optim
+from demuon.config import AlgorithmConfig, GossipConfig, IdentityCodec
+from demuon.errors import ConfigError
+from demuon.node import algorithms, optim
 from demuon.topology import PeerView
 from demuon.transport.codecs import Codec, Encoded, make_codec
 from demuon.workloads import Workload
 
 TensorDict = dict[str, torch.Tensor]
+
+#: Suffix of the replica-sum tensors a compressed keyframe carries next to each replica.
+SUM_SUFFIX = "@sum"
+
+#: Running tracker sums S and ρ are kept (and sent) in float64: in float32 they lose the small
+#: increments U once S has grown, which leaves a floor under ‖mean V − mean M‖ (docs/algorithms.md §8).
+SUM_DTYPE = torch.float64
 
 
 @dataclass(frozen=True)
@@ -52,10 +64,39 @@ class MixReport:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` → ``cuda`` when available, else ``cpu``; anything else is taken as written."""
+    """``auto`` → ``cuda`` when available, else ``cpu``; anything else is taken as written, and a
+    CUDA device on a machine without one is a :class:`~demuon.errors.ConfigError`."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("device", name, "this torch build or machine has no CUDA device")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError("device", name, f"only {torch.cuda.device_count()} CUDA device(s) present")
+    return device
+
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """The parameter/state dtype named by the config (``float32`` or ``float64``)."""
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ConfigError("dtype", name, f"expected one of {sorted(DTYPES)}") from None
+
+
+@dataclass(frozen=True)
+class PeerSetup:
+    """The run-level facts a peer needs, resolved by the composition root."""
+
+    seed: int  # shared seed: initial model, data shards, codec randomness
+    n_peers: int  # N
+    rounds: int  # K, for the step-size schedule
+    device: torch.device
+    dtype: torch.dtype  # parameters and optimizer state
 
 
 def ns_dtype_for(setting: str, device: torch.device) -> torch.dtype:
@@ -84,33 +125,47 @@ class Peer:
     def __init__(
         self,
         index: int,
-        config: Config,
         workload: Workload,
         views: Sequence[PeerView],  # one view per round of the topology's period (views[k % len])
         *,
-        device: torch.device | None = None,
+        algorithm: AlgorithmConfig,
+        gossip: GossipConfig,
+        setup: PeerSetup,
     ) -> None:
         if not views or any(v.index != index for v in views):
             raise ValueError(f"views must be non-empty and all for peer {index}")
         self.index = index
-        self.config = config
+        self.setup = setup
         self.workload = workload
         self.views = tuple(views)
-        self.device = device if device is not None else resolve_device(config.device)
-        self.algorithm = config.algorithm
-        self.phases: tuple[str, ...] = optim.phases(self.algorithm.name)
-        self.dtype = torch.float64 if config.dtype == "float64" else torch.float32
-        self.model = workload.build_model(config.seed).to(self.device, self.dtype)
+        self.device = setup.device
+        self.dtype = setup.dtype
+        self.algorithm = algorithm
+        self.rule = algorithms.get(algorithm.name)
+        self.phases: tuple[str, ...] = self.rule.phases
+        self.model = workload.build_model(setup.seed).to(self.device, self.dtype)
         self.params: dict[str, torch.nn.Parameter] = dict(self.model.named_parameters())
         self.names = tuple(self.params)
-        self.routes = {
-            n: optim.route_for(n, tuple(p.shape), self.algorithm.routing) for n, p in self.params.items()
-        }
-        self.ns_dtype = ns_dtype_for(self.algorithm.routing.ns_dtype, self.device)
-        self.codec: Codec = make_codec(config.gossip.codec)
+        self.numel = sum(p.numel() for p in self.params.values())
+        routes = {n: optim.route_for(n, tuple(p.shape), algorithm.routing) for n, p in self.params.items()}
+        self.routes = routes
+        self.ns_dtype = ns_dtype_for(algorithm.routing.ns_dtype, self.device)
+        self.step_options = algorithms.StepOptions(
+            routes=routes,
+            ns_steps=algorithm.routing.ns_steps,
+            ns_dtype=self.ns_dtype,
+            clip_scale=algorithm.clip_scale,
+            clip_power=algorithm.clip_power,
+        )
+        self.codec: Codec = make_codec(gossip.codec)
         self.keyframe_codec: Codec = make_codec(IdentityCodec())  # full replicas travel uncompressed
-        self.gamma = config.gossip.gamma
-        self.exact = config.gossip.codec.kind == "identity" and self.gamma == 1.0
+        self.gamma = gossip.gamma
+        self.exact = gossip.codec.kind == "identity" and self.gamma == 1.0
+        # Running-sum tracker messages (docs/algorithms.md §8): exact mode, a tracking method and a
+        # static graph (with a time-varying one a sum would carry rounds not meant for a receiver).
+        self.running_sums = (
+            self.exact and self.rule.tracking and gossip.tracker == "running_sum" and len(self.views) == 1
+        )
         self.round = 0
         self.last_loss = float("nan")
         self.M: TensorDict = self._zeros()
@@ -124,10 +179,33 @@ class Peer:
             ph: {j: self._initial_replica(ph) for j in senders} for ph in self.phases
         }
         self.stale: set[tuple[str, int]] = set()
+        # S = Σ_t U^t (float64, sent in phase V) and, per in-neighbour j, ρ_j = the last S_j used.
+        self.S: TensorDict = self._zeros(SUM_DTYPE) if self.running_sums else {}
+        self.rho: dict[int, TensorDict] = (
+            {j: self._zeros(SUM_DTYPE) for j in senders} if self.running_sums else {}
+        )
+        self.rho_round: dict[int, int] = {}
+        # Compressed mode: R = Σ_t Ẑ^t of our own replica and of our copy of each in-neighbour's
+        # (float64); a keyframe carries the sender's R so a receiver repairs the mass it missed.
+        self.replica_sums = not self.exact and gossip.tracker == "running_sum" and len(self.views) == 1
+        sums = {j: self._zeros(SUM_DTYPE) for j in senders} if self.replica_sums else {}
+        self.R_self: dict[str, TensorDict] = (
+            {ph: self._zeros(SUM_DTYPE) for ph in self.phases} if self.replica_sums else {}
+        )
+        self.R: dict[str, dict[int, TensorDict]] = {
+            ph: {j: dict(t) for j, t in sums.items()} for ph in self.phases
+        }
 
     # ------------------------------------------------------------------ helpers
-    def _zeros(self) -> TensorDict:
-        return {n: torch.zeros_like(p, memory_format=torch.contiguous_format) for n, p in self.params.items()}
+    def _zeros(self, dtype: torch.dtype | None = None) -> TensorDict:
+        return {
+            n: torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+            for n, p in self.params.items()
+        }
+
+    def wire_dtype(self, phase: str) -> torch.dtype:
+        """The dtype of this phase's payload: float64 running sums in phase V, else the model's."""
+        return SUM_DTYPE if phase == "V" and self.running_sums else self.dtype
 
     def _initial_replica(self, phase: str) -> TensorDict:
         if phase == "X":
@@ -143,7 +221,7 @@ class Peer:
 
     def lr(self, k: int) -> float:
         a = self.algorithm
-        return optim.learning_rate(a.schedule, a.lr, k, self.config.rounds)
+        return optim.learning_rate(a.schedule, a.lr, k, self.setup.rounds)
 
     # ------------------------------------------------------------ who talks to whom
     def recipients(self, k: int) -> tuple[int, ...]:
@@ -164,9 +242,9 @@ class Peer:
         self.round = k
         self.model.train()
         self.model.zero_grad(set_to_none=True)
-        batch = self.workload.train_batch(self.index, self.config.peers, k)
+        batch = self.workload.train_batch(self.index, self.setup.n_peers, k)
         loss = self.workload.loss(self.model, batch)
-        loss.backward()
+        torch.autograd.backward(loss)
         self.G = {
             n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
             for n, p in self.params.items()
@@ -176,51 +254,69 @@ class Peer:
 
     def _pre_mix(self, phase: str, k: int) -> TensorDict:
         """U (phase V) or Y (phase X): the value this peer contributes to the mix."""
-        a = self.algorithm
         if phase == "V":
-            self.M, U = optim.local_tracker_update(a.name, self.M, self.V, self.G, a.theta)
+            assert self.rule.tracker_update is not None, f"{self.rule.name} has no phase V"
+            self.M, U = self.rule.tracker_update(self.M, self.V, self.G, self.algorithm.theta)
             return U
-        return optim.local_step(
-            a.name,
-            self.X(),
-            self.V,
-            self.G,
-            self.lr(k),
-            k,
-            routes=self.routes,
-            ns_steps=a.routing.ns_steps,
-            ns_dtype=self.ns_dtype,
-            clip_scale=a.clip_scale,
-            clip_power=a.clip_power,
-        )
+        D = self.V if self.rule.tracking else self.G
+        return self.rule.local_step(self.X(), D, self.lr(k), k, self.step_options)
 
     def message(self, phase: str, k: int, *, keyframe: bool = False) -> dict[str, Encoded]:
         """Form this phase's pre-mix value and encode what goes on the wire (once, for all).
 
-        Exact mode: the value itself. Compressed: ``q = C(Z − Ẑ_self)``, and ``Ẑ_self += decode(q)``.
-        ``keyframe=True`` (compressed only) sends the full updated replica ``Ẑ_self`` instead."""
+        Exact mode: the value itself, or in phase V with running sums ``S += U`` and S itself.
+        Compressed: ``q = C(Z − Ẑ_self)``, and ``Ẑ_self += decode(q)``. ``keyframe=True``
+        (compressed only) sends the full updated replica ``Ẑ_self`` instead."""
         Z = self._pre_mix(phase, k)
         self._pending[phase] = Z
+        if self.exact and phase == "V" and self.running_sums:
+            self.S = {n: self.S[n] + z.to(SUM_DTYPE) for n, z in Z.items()}
+            return {n: self.codec.encode(s, seed=0) for n, s in self.S.items()}
         if self.exact:
             return {n: self.codec.encode(z.contiguous(), seed=0) for n, z in Z.items()}
         hat = self.hat_self[phase]
         out: dict[str, Encoded] = {}
         for t, (n, z) in enumerate(Z.items()):
-            enc = self.codec.encode(z - hat[n], seed=codec_seed(self.config.seed, self.index, k, phase, t))
+            enc = self.codec.encode(z - hat[n], seed=codec_seed(self.setup.seed, self.index, k, phase, t))
             hat[n] = hat[n] + self.codec.decode(enc, tuple(z.shape), z.dtype).to(self.device)
             out[n] = enc
+        if self.replica_sums:
+            R = self.R_self[phase]
+            self.R_self[phase] = {n: R[n] + hat[n].to(SUM_DTYPE) for n in self.names}
         if keyframe:
-            return {n: self.keyframe_codec.encode(h, seed=0) for n, h in hat.items()}
+            full = {n: self.keyframe_codec.encode(h, seed=0) for n, h in hat.items()}
+            if self.replica_sums:
+                full.update(
+                    {
+                        n + SUM_SUFFIX: self.keyframe_codec.encode(r, seed=0)
+                        for n, r in self.R_self[phase].items()
+                    }
+                )
+            return full
         return out
 
     def pending(self, phase: str) -> TensorDict:
         """The pre-mix value of ``phase`` (U or Y) between :meth:`message` and :meth:`mix`."""
         return dict(self._pending[phase])
 
-    def decode(self, enc: Mapping[str, Encoded], *, keyframe: bool = False) -> TensorDict:
-        """Decode a peer's encoded message as a receiver does (keyframes are identity-coded)."""
+    def decode(self, enc: Mapping[str, Encoded], phase: str, *, keyframe: bool = False) -> TensorDict:
+        """Decode a peer's encoded message of ``phase`` as a receiver does (keyframes are
+        identity-coded)."""
         codec = self.keyframe_codec if keyframe else self.codec
-        return {n: codec.decode(e, tuple(self.params[n].shape), self.dtype) for n, e in enc.items()}
+        dtype = self.wire_dtype(phase)
+        out = {}
+        for n, e in enc.items():
+            name = n.removesuffix(SUM_SUFFIX)
+            out[n] = codec.decode(e, tuple(self.params[name].shape), SUM_DTYPE if name != n else dtype)
+        return out
+
+    def keyframe_tensors(self) -> tuple[dict[str, tuple[int, ...]], dict[str, torch.dtype]]:
+        """Shapes and dtypes of a keyframe's tensors when they differ from a plain message's."""
+        shapes = {n: tuple(p.shape) for n, p in self.params.items()}
+        if not self.replica_sums:
+            return shapes, {}
+        shapes.update({n + SUM_SUFFIX: tuple(p.shape) for n, p in self.params.items()})
+        return shapes, {n + SUM_SUFFIX: SUM_DTYPE for n in self.names}
 
     def mix(
         self,
@@ -234,7 +330,9 @@ class Peer:
         (phase V → V; phase X → the model's parameters)."""
         Z = self._pending.pop(phase)
         view = self.view(k)
-        if self.exact:
+        if self.exact and phase == "V" and self.running_sums:
+            new, missing = self._mix_sums(view, k, Z, received)
+        elif self.exact:
             new, missing = self._mix_exact(view, Z, received)
         else:
             new, missing = self._mix_replicas(phase, view, Z, received, keyframes)
@@ -258,6 +356,25 @@ class Peer:
             out[n] = optim.mix(terms)
         return out, missing
 
+    def _mix_sums(
+        self, view: PeerView, k: int, U: TensorDict, received: Mapping[int, Mapping[str, torch.Tensor]]
+    ) -> tuple[TensorDict, tuple[int, ...]]:
+        """``V_i = w_ii U_i + Σ_j w_ij (S_j − ρ_j)`` over the senders that arrived, then ``ρ_j = S_j``.
+        A missing sender contributes nothing now: its mass stays in flight (``S_j − ρ_j``) and
+        arrives with its next message that gets through. Each round's S_j is used once."""
+        missing = tuple(j for j, _ in view.in_neighbours if j not in received)
+        delta: dict[int, TensorDict] = {}
+        for j, _ in view.in_neighbours:
+            if j in received and self.rho_round.get(j) != k:
+                S_j = {n: received[j][n].to(self.device, SUM_DTYPE, copy=True) for n in self.names}
+                delta[j] = {n: (S_j[n] - self.rho[j][n]).to(self.dtype) for n in self.names}
+                self.rho[j], self.rho_round[j] = S_j, k
+        out: TensorDict = {}
+        for n, u in U.items():
+            terms = [(view.self_weight, u)] + [(w, delta[j][n]) for j, w in view.in_neighbours if j in delta]
+            out[n] = optim.mix(terms)
+        return out, missing
+
     def _mix_replicas(
         self,
         phase: str,
@@ -266,6 +383,8 @@ class Peer:
         received: Mapping[int, Mapping[str, torch.Tensor]],
         keyframes: frozenset[int],
     ) -> tuple[TensorDict, tuple[int, ...]]:
+        if self.replica_sums:
+            return self._mix_replica_sums(phase, view, Z, received, keyframes)
         hats = self.hat[phase]
         for j, payload in received.items():
             if j not in hats:
@@ -288,6 +407,48 @@ class Peer:
             out[n] = optim.choco_mix(z, S, own[n], self.gamma)
         return out, missing
 
+    def _mix_replica_sums(
+        self,
+        phase: str,
+        view: PeerView,
+        Z: TensorDict,
+        received: Mapping[int, Mapping[str, torch.Tensor]],
+        keyframes: frozenset[int],
+    ) -> tuple[TensorDict, tuple[int, ...]]:
+        """C-DeMuon with loss repair (docs/algorithms.md §8): every copy Ẑ_j stays in the mix, even
+        one that missed a correction q (it is then off by what it missed); each round adds the copy
+        used to R_j; a keyframe sets the copy and adds ``γ w_ij (R_j(sender) − R_j(ours))``, the
+        mass this peer's mix missed since the last keyframe, so no mass is lost for good."""
+        hats, sums = self.hat[phase], self.R[phase]
+        repair: dict[int, TensorDict] = {}
+        for j in hats:
+            payload = received.get(j)
+            if payload is not None and j in keyframes:
+                hats[j] = {n: payload[n].to(self.device).clone() for n in self.names}
+            elif payload is not None:
+                hats[j] = {n: hats[j][n] + payload[n].to(self.device) for n in self.names}
+            else:
+                self.stale.add((phase, j))  # its replica advanced without us, until a keyframe
+            sums[j] = {n: sums[j][n] + hats[j][n].to(SUM_DTYPE) for n in self.names}
+            if payload is not None and j in keyframes and (self.names[0] + SUM_SUFFIX) in payload:
+                theirs = {
+                    n: payload[n + SUM_SUFFIX].to(self.device, SUM_DTYPE, copy=True) for n in self.names
+                }
+                repair[j] = {n: theirs[n] - sums[j][n] for n in self.names}
+                sums[j] = theirs
+                self.stale.discard((phase, j))
+        missing = tuple(j for j, _ in view.in_neighbours if j not in received)
+        own = self.hat_self[phase]
+        out: TensorDict = {}
+        for n, z in Z.items():
+            S = optim.mix([(view.self_weight, own[n])] + [(w, hats[j][n]) for j, w in view.in_neighbours])
+            new = optim.choco_mix(z, S, own[n], self.gamma)
+            for j, w in view.in_neighbours:
+                if j in repair:
+                    new = new + (self.gamma * w * repair[j][n]).to(self.dtype)
+            out[n] = new
+        return out, missing
+
     # ------------------------------------------------------------ observation, persistence
     def fingerprint(self) -> tuple[float, float]:
         return fingerprint(list(self.params.values()))
@@ -304,6 +465,11 @@ class Peer:
             "hat_self": {ph: _to_cpu(h) for ph, h in self.hat_self.items()},
             "hat": {ph: {j: _to_cpu(h) for j, h in hs.items()} for ph, hs in self.hat.items()},
             "stale": sorted(self.stale),
+            "S": _to_cpu(self.S),
+            "rho": {j: _to_cpu(r) for j, r in self.rho.items()},
+            "rho_round": dict(self.rho_round),
+            "R_self": {ph: _to_cpu(r) for ph, r in self.R_self.items()},
+            "R": {ph: {j: _to_cpu(r) for j, r in rs.items()} for ph, rs in self.R.items()},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -318,6 +484,13 @@ class Peer:
         self.hat_self = {ph: dev(h) for ph, h in state["hat_self"].items()}
         self.hat = {ph: {int(j): dev(h) for j, h in hs.items()} for ph, hs in state["hat"].items()}
         self.stale = {(str(ph), int(j)) for ph, j in state["stale"]}
+        self.S = dev(state.get("S", {}))
+        self.rho = {int(j): dev(r) for j, r in state.get("rho", {}).items()}
+        self.rho_round = {int(j): int(r) for j, r in state.get("rho_round", {}).items()}
+        self.R_self = {ph: dev(r) for ph, r in state.get("R_self", {}).items()} or self.R_self
+        self.R = {
+            ph: {int(j): dev(r) for j, r in rs.items()} for ph, rs in state.get("R", {}).items()
+        } or self.R
 
 
 def _to_cpu(d: TensorDict) -> TensorDict:

@@ -3,7 +3,7 @@
 ``A[i, j]`` is ``True`` when peer ``i`` consumes a message from peer ``j`` (``w_ij > 0``, ``i != j``);
 the diagonal is always ``False``. Undirected graphs have symmetric ``A``.
 
-Where the constructions come from (ALGORITHMS.md §1.6 and §6):
+Where the constructions come from (docs/algorithms.md §4.1 and §4.2):
 
 * complete, ring, star, hypercube (``i ↔ i XOR 2^b``), 2-D torus with wrap-around: textbook graphs.
 * directed exponential: the DeMuon code (``MozarTuring/DeMuon``, ``graph.py``): row ``i`` has entries

@@ -1,10 +1,10 @@
 """Mixing matrices W for gossip, their checks and what one peer needs of them (layer 2: pure).
 
 DeMuon mixes ``X_i ← Σ_j w_ij Y_j``; it needs ``W`` nonnegative and doubly stochastic with
-``λ = ‖W − J‖₂ < 1`` (ALGORITHMS.md §1.4). Symmetry is not required: the circulant directed graphs
+``λ = ‖W − J‖₂ < 1`` (docs/algorithms.md §2.3). Symmetry is not required: the circulant directed graphs
 are balanced, so uniform weights are doubly stochastic although ``W ≠ Wᵀ``.
 
-Weight rules (ALGORITHMS.md §6; ``d_i`` = number of neighbours, self excluded):
+Weight rules (docs/algorithms.md §4.1; ``d_i`` = number of neighbours, self excluded):
 
 * Metropolis–Hastings: ``w_ij = 1/(1 + max(d_i, d_j))``; lazy: ``w_ij = 1/(2·max(d_i, d_j))``.
 * max-degree: ``w_ij = 1/(1 + d_max)``; lazy: ``w_ij = 1/(2·d_max)``.
@@ -263,7 +263,7 @@ def _directed(options: dict[str, object]) -> bool:
 
 
 def canonical_weights(name: str, A: torch.Tensor, file_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """The weights ALGORITHMS.md §6 gives topology ``name`` on its graph ``A`` (the undirected
+    """The weights docs/algorithms.md §4.1 gives topology ``name`` on its graph ``A`` (the undirected
     static exponential graph gets Metropolis weights; Ying et al.'s directed one ``1/(τ+1)``)."""
     tau = len(graphs.exponential_hops(A.shape[0]))
     if name in ("complete", "hypercube", "torus"):

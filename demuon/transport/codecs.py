@@ -1,7 +1,7 @@
 """Message compressors C(·) for compressed gossip (layer 2: pure torch, no I/O).
 
 A codec turns one tensor into an :class:`Encoded` (contiguous CPU buffers whose raw bytes travel
-as wire frames, plus a few msgpack-able scalars) and back into a dense tensor. ALGORITHMS.md §2.3
+as wire frames, plus a few msgpack-able scalars) and back into a dense tensor. docs/algorithms.md §7
 gives the constants; ``alpha`` is the contraction ``E‖C(x) − x‖² ≤ (1 − α)‖x‖²`` of the codec *as
 sent*, ``omega`` the variance ``E‖C(x) − x‖² ≤ ω‖x‖²`` of its unbiased form (None where the
 codec has none, or the constant depends on the tensor's size).
@@ -17,7 +17,7 @@ codec has none, or the constant depends on the tensor's size).
 
 with K = max(1, round(ratio·d)) (the nominal α is ``ratio``; the exact one is K/d).
 
-Determinism (ALGORITHMS.md §3.3): ``encode`` draws all randomness from generators seeded by its
+Determinism (docs/algorithms.md §6): ``encode`` draws all randomness from generators seeded by its
 ``seed`` argument (the caller derives it from seed, sender, round, phase and tensor) and works on
 CPU data (a copy, except identity's zero-copy buffer), so the payload does not depend on the
 device; ``decode`` is deterministic and uses only elementwise ops or scatters (no BLAS
@@ -346,7 +346,7 @@ class RankK:
 @dataclass(frozen=True)
 class Natural:
     """Natural compression (stochastic rounding to ±2^a, unbiased, ω = 1/8, so α = 7/8 as sent;
-    ALGORITHMS.md §2.3). Computed in float32 (exact for bfloat16 inputs; float64 inputs are first
+    docs/algorithms.md §7). Computed in float32 (exact for bfloat16 inputs; float64 inputs are first
     rounded to float32, float16 outputs can overflow above 2^15). See ``transport.kernels``."""
 
     kind: ClassVar[str] = "natural"

@@ -28,6 +28,7 @@ from collections.abc import Callable, Collection, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar
 
+from demuon.config import FaultsConfig, LinkFault, PartitionFault
 from demuon.transport.base import Buffer, Transport
 
 T = TypeVar("T")
@@ -59,6 +60,7 @@ class FaultRule:
     delay: int = 1  # "delay": later messages to the same receiver that overtake it
     copies: int = 1  # "duplicate": extra copies sent
     frame: int | None = None  # "corrupt": index of the frame hit (None: seeded choice)
+    where: Callable[[int, int, Hashable], bool] | None = None  # (sender, receiver, key) → applies?
 
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:
@@ -76,6 +78,7 @@ class FaultRule:
             (self.senders is None or sender in self.senders)
             and (self.receivers is None or receiver in self.receivers)
             and (self.keys is None or key in self.keys)
+            and (self.where is None or self.where(sender, receiver, key))
         )
 
 
@@ -88,6 +91,52 @@ class FaultPlan:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rules", tuple(self.rules))
+
+
+def _round_phase(
+    rounds: tuple[int, int] | None, phases: Collection[str] | None
+) -> Callable[[int, int, Hashable], bool]:
+    """A ``where`` for message keys ``(round, phase)``: the round in ``rounds``, the phase in ``phases``."""
+
+    def where(sender: int, receiver: int, key: Hashable) -> bool:
+        if not (isinstance(key, tuple) and len(key) == 2):
+            return False
+        k, phase = key
+        return (rounds is None or rounds[0] <= k <= rounds[1]) and (phases is None or phase in phases)
+
+    return where
+
+
+def _partition(p: PartitionFault) -> Callable[[int, int, Hashable], bool]:
+    group = {i: g for g, ids in enumerate(p.groups) for i in ids}
+    during = _round_phase(p.rounds, None)
+
+    def where(sender: int, receiver: int, key: Hashable) -> bool:
+        apart = group.get(sender, ("alone", sender)) != group.get(receiver, ("alone", receiver))
+        return apart and during(sender, receiver, key)
+
+    return where
+
+
+def _link(f: LinkFault) -> FaultRule:
+    return FaultRule(
+        action="delay" if f.action == "reorder" else f.action,
+        senders=f.src,
+        receivers=f.dst,
+        probability=f.probability,
+        delay=f.delay,
+        copies=f.copies,
+        where=_round_phase(f.rounds, f.phases),
+    )
+
+
+def plan_from_config(cfg: FaultsConfig) -> FaultPlan:
+    """The message faults of a fault plan (``[faults]``), keyed on ``(round, phase)``: every
+    partition (a certain drop across groups while it lasts), then every link rule in file order.
+    The simulator and the daemon build the same plan, so the same message meets the same fate."""
+    rules = [FaultRule("drop", where=_partition(p)) for p in cfg.partition]
+    rules += [_link(f) for f in cfg.link]
+    return FaultPlan(tuple(rules), seed=cfg.seed)
 
 
 def draw(seed: int, *parts: Hashable) -> int:

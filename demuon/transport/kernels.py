@@ -1,7 +1,7 @@
 """Numeric kernels behind the codecs (layer 2: pure torch/NumPy, no I/O, no classes).
 
 **Natural compression** (Horváth et al. 2019, "Natural compression for distributed deep
-learning"; ALGORITHMS.md §2.3) rounds each entry ``t`` with ``2^a ≤ |t| < 2^(a+1)`` to
+learning"; docs/algorithms.md §7) rounds each entry ``t`` with ``2^a ≤ |t| < 2^(a+1)`` to
 ``sign(t)·2^a`` with probability ``(2^(a+1) − |t|)/2^a`` and to ``sign(t)·2^(a+1)`` otherwise:
 unbiased, ``E[C(t)²] ≤ (9/8)·t²`` (ω = 1/8).
 
@@ -35,7 +35,7 @@ import torch
 MANTISSA_BITS = 23  # float32 mantissa field width (IEEE 754 binary32)
 EXPONENT_ALL_ONES = 255  # exponent byte of ±inf / NaN
 SEED_MASK = (1 << 64) - 1  # seeds are reduced to 64 bits
-OVERSAMPLE = 8  # randomized range finder oversampling p (Halko, Martinsson, Tropp 2011, §4.2)
+OVERSAMPLE = 8  # randomized range finder oversampling p (Halko, Martinsson, Tropp 2011, section 4.2)
 INT8_LEVELS = 127  # symmetric int8 grid −127…127 (−128 unused so the grid is symmetric)
 TOPK_SAMPLE = 1 << 14  # entries sampled to estimate the top-k thresholds
 

@@ -1,4 +1,4 @@
-"""Sans-IO wire format: one gossip message ⇄ a list of frames (layer 2; DESIGN.md §5).
+"""Sans-IO wire format: one gossip message ⇄ a list of frames (layer 2; docs/design.md §5).
 
 Frames of one message (all multi-byte values little-endian, the byte order of every supported host)::
 
@@ -73,6 +73,34 @@ from demuon.transport.wire_errors import (
 )
 
 WIRE_ERRORS = wire_errors.WIRE_ERRORS  # every rejection class, for counting by kind
+
+__all__ = [  # the codec of messages and, re-exported, every kind of rejection
+    "MAX_ROUND",
+    "PROTOCOL_VERSION",
+    "WIRE_ERRORS",
+    "BadHeader",
+    "BadPayload",
+    "ChecksumMismatch",
+    "DecodeContext",
+    "DtypeNotAllowed",
+    "Frame",
+    "FrameCountMismatch",
+    "Message",
+    "NonFinite",
+    "RoundOutOfWindow",
+    "ShapeMismatch",
+    "SizeMismatch",
+    "TensorSetMismatch",
+    "TooLarge",
+    "UnknownCodec",
+    "UnknownPhase",
+    "UnknownSender",
+    "UnsupportedVersion",
+    "WireError",
+    "decode",
+    "encode",
+    "peek",
+]
 BadMeta = wire_errors.BadMeta  # raised by codecs; re-exported like every error class used here
 
 PROTOCOL_VERSION = 2  # 2: XXH3-64 checksum (1: CRC-32C)
@@ -107,6 +135,10 @@ class DecodeContext:
     senders: Collection[int]
     shapes: Mapping[str, Shape]
     dtype: torch.dtype = torch.float32
+    phase_dtypes: Mapping[str, torch.dtype] = field(default_factory=dict)  # per-phase exceptions to dtype
+    # keyframes may carry more tensors (e.g. replica sums): their shapes and dtypes (None: as others)
+    keyframe_shapes: Mapping[str, Shape] | None = None
+    keyframe_dtypes: Mapping[str, torch.dtype] = field(default_factory=dict)
     codecs: Mapping[str, Codec] = field(default_factory=lambda: {"identity": Identity()})
     phases: Collection[str] = frozenset({"V", "X"})
     min_round: int = 0
@@ -310,16 +342,19 @@ def _codec(header: dict[str, Any], ctx: DecodeContext) -> Codec:
 def _tensors(header: dict[str, Any], ctx: DecodeContext) -> list[_TensorHeader]:
     """The tensor entries in header (= frame) order, checked against the receiver's shapes."""
     entries = [_tensor(e) for e in _get(header, "tensors", list)]
-    shapes = ctx.shapes
+    keyframe = header["keyframe"] and ctx.keyframe_shapes is not None
+    shapes = ctx.keyframe_shapes if keyframe and ctx.keyframe_shapes is not None else ctx.shapes
     if len(entries) != len(shapes) or {t.name for t in entries} != shapes.keys():
         names = [t.name for t in entries]
         raise TensorSetMismatch(f"tensors {names}", expected=list(shapes), actual=names)
+    allowed = ctx.phase_dtypes.get(header["phase"], ctx.dtype)  # the phase was checked by _codec
     for name, shape, dtype, _, _ in entries:
         expected = tuple(shapes[name])
         if shape != expected:
             raise ShapeMismatch(f"{name} shape", tensor=name, expected=expected, actual=shape)
-        if dtype != ctx.dtype:
-            raise DtypeNotAllowed(f"{name} dtype", tensor=name, expected=ctx.dtype, actual=dtype)
+        want = ctx.keyframe_dtypes.get(name, allowed) if keyframe else allowed
+        if dtype != want:
+            raise DtypeNotAllowed(f"{name} dtype", tensor=name, expected=want, actual=dtype)
     return entries
 
 
@@ -348,7 +383,7 @@ def _views(frames: Sequence[Buffer], ctx: DecodeContext) -> tuple[list[memoryvie
     """The frames as byte views, and their total size."""
     if not isinstance(frames, Sequence) or not frames:
         raise BadHeader("expected a non-empty sequence of frames")
-    most = 1 + MAX_BUFFERS_PER_TENSOR * len(ctx.shapes)
+    most = 1 + MAX_BUFFERS_PER_TENSOR * max(len(ctx.shapes), len(ctx.keyframe_shapes or ()))
     if len(frames) > most:
         raise FrameCountMismatch(f"{len(frames)} frames", expected=most, actual=len(frames))
     try:
@@ -413,7 +448,8 @@ def _decode(frames: Sequence[Buffer], ctx: DecodeContext) -> Message:
         with warnings.catch_warnings():  # once per message: frames are read-only, codecs only read
             warnings.filterwarnings("ignore", message=_NOT_WRITABLE)
             decoded = {t.name: _decode_tensor(t, codec, payload, finite) for t in tensors}
-        dense = {name: decoded[name] for name in ctx.shapes}
+        shapes = ctx.keyframe_shapes if header["keyframe"] and ctx.keyframe_shapes is not None else ctx.shapes
+        dense = {name: decoded[name] for name in shapes}
     except WireError as exc:
         exc.annotate(sender=sender, round=k)
         raise
@@ -430,3 +466,11 @@ def decode(frames: Sequence[Buffer], ctx: DecodeContext) -> Message:
         raise
     except Exception as exc:  # the contract: nothing but a WireFormatError escapes
         raise BadHeader(f"unexpected {type(exc).__name__}: {exc}") from exc
+
+
+def peek(frames: Sequence[Buffer]) -> tuple[int, str]:
+    """``(round, phase)`` read from frame 0 of a message this process encoded, without checking
+    it (for keying deterministic fault decisions on the sending side; receivers use :func:`decode`)."""
+    _, _, body = msgpack.unpackb(bytes(memoryview(frames[0]).cast("B")))
+    header = msgpack.unpackb(body)
+    return int(header["round"]), str(header["phase"])

@@ -1,4 +1,4 @@
-"""The ``Workload`` protocol, deterministic randomness helpers and the ``make_workload`` factory.
+"""The ``Workload`` protocol and deterministic randomness helpers (the factory is ``factory.make_workload``).
 
 A workload is what a peer trains: it builds the (identical) initial model, hands out the
 mini-batch of peer ``i`` at round ``k`` and scores a model on held-out data. Every random draw is

@@ -1,4 +1,4 @@
-"""Byte-level GPT shaped like the DeMuon experiments (ALGORITHMS.md §1.6), small enough for a CPU.
+"""Byte-level GPT shaped like the DeMuon experiments (docs/algorithms.md §10), small enough for a CPU.
 
     model  tok_emb (256 × d) + pos_emb (context × d, learned)
            n_layers pre-LN blocks:  x ← x + attn(LN₁ x);  x ← x + mlp(LN₂ x)
@@ -30,7 +30,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from demuon.config import GptWorkload
 from demuon.errors import WorkloadError
@@ -59,7 +59,8 @@ class CausalSelfAttention(nn.Module):
         k = self.k_proj(x).view(shape).transpose(1, 2)
         v = self.v_proj(x).view(shape).transpose(1, 2)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
+        out: Tensor = self.out_proj(y.transpose(1, 2).reshape(B, T, C))
+        return out
 
 
 class Block(nn.Module):
@@ -77,7 +78,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln1(x))
-        return x + self.mlp(self.ln2(x))
+        out: Tensor = x + self.mlp(self.ln2(x))
+        return out
 
 
 class MiniGPT(nn.Module):
@@ -99,7 +101,8 @@ class MiniGPT(nn.Module):
         x = self.tok_emb(idx) + self.pos_emb(torch.arange(T, device=idx.device))
         for block in self.blocks:
             x = block(x)
-        return self.lm_head(self.ln_f(x))
+        logits: Tensor = self.lm_head(self.ln_f(x))
+        return logits
 
 
 def init_gpt(model: MiniGPT, g: torch.Generator, n_layers: int) -> None:
@@ -148,7 +151,7 @@ class ByteLanguageModel:
         self._offsets = torch.arange(span, device=self.device)
         count = cfg.val_batches * cfg.batch_size
         starts = torch.linspace(0, n_val - span, count, dtype=torch.float64).round().long() + self.n_train
-        self._val = [self._windows(s) for s in starts.split(cfg.batch_size)]
+        self._val = [self._windows(s) for s in torch.split(starts, cfg.batch_size)]
 
     @property
     def n_windows(self) -> int:

@@ -120,7 +120,8 @@ class LeastSquares:
         """argmin_W F(W) as a weight matrix (dim_out × dim_in, float64, CPU); the minimum-norm one
         if Σ A_iᵀA_i is singular. All peers have ``rows`` rows, so F is the stacked problem / N."""
         A, B = self._stacked(n_peers)
-        return torch.linalg.lstsq(A, B, driver="gelsd").solution.T.contiguous()
+        solution: torch.Tensor = torch.linalg.lstsq(A, B, driver="gelsd").solution.T.contiguous()
+        return solution
 
     def global_loss(self, model: nn.Module, n_peers: int) -> float:
         """F(W) = (1/N) Σ_i f_i(W), full batch, noise-free, float64."""

@@ -5,7 +5,7 @@
 Every peer reads the same config file and derives everything else from it and its id: the graph
 (its views over the topology's period), the initial model (shared seed), its data shard (its id),
 the endpoints of its neighbours. Output folder (default ``runs/peer-<id>``): ``metrics.jsonl``
-(one row per round, keys in :mod:`demuon.node.daemon`), ``log.txt``, a checkpoint in
+(one row per round, keys of :class:`demuon.node.rounds.RoundMetrics`), ``log.txt``, a checkpoint in
 ``checkpoint.dir`` (default ``<out>/checkpoint``), and at the end ``final.json``
 (``{"id", "final_round", "final_train_loss", "fingerprint": {"sum", "l2"}}``) and ``final.pt``
 (``{name: tensor}`` of the final parameters).
@@ -27,13 +27,16 @@ from typing import Any
 import torch
 import uvloop
 
-from demuon.config import Config, load_config
+from demuon.app.peers import build_peer as build_one
+from demuon.app.peers import peer_setup
+from demuon.config import Config, load_config, math_fingerprint
 from demuon.errors import ConfigError
 from demuon.node.checkpoint import load_checkpoint, restore
-from demuon.node.daemon import Control, Daemon, DaemonStatus, RoundHook, Service
+from demuon.node.daemon import Control, Daemon, DaemonSettings, DaemonStatus, RoundHook, Service
 from demuon.node.gossip import Gossip, Inbound
-from demuon.node.peer import Peer, resolve_device
-from demuon.topology import mixing_matrix_from_config, peer_view, period
+from demuon.node.peer import Peer
+from demuon.transport import wire
+from demuon.transport.faults import FaultyTransport, plan_from_config
 from demuon.workloads import make_workload
 
 #: How long closing the sockets may wait for the last queued messages to leave (ms).
@@ -43,15 +46,22 @@ log = logging.getLogger("demuon.run")
 
 
 def build_peer(config: Config, peer_id: int) -> Peer:
-    """Peer ``peer_id`` exactly as :func:`demuon.simulate.build_peers` builds it."""
-    device = resolve_device(config.device)
-    workload = make_workload(config.workload, seed=config.seed, device=device)
-    n = config.peers
-    views = [
-        peer_view(mixing_matrix_from_config(config.topology, n, t), peer_id)
-        for t in range(period(config.topology, n))
-    ]
-    return Peer(peer_id, config, workload, views, device=device)
+    """Peer ``peer_id`` exactly as :func:`demuon.app.peers.build_peers` builds it."""
+    setup = peer_setup(config)
+    workload = make_workload(config.workload, seed=config.seed, device=setup.device)
+    return build_one(config, peer_id, workload, setup)
+
+
+def daemon_settings(config: Config, peer_id: int | None = None) -> DaemonSettings:
+    crash = [f.crash_at for f in config.faults.peer if f.id == peer_id and f.crash_at is not None]
+    return DaemonSettings(
+        rounds=config.rounds,
+        threads=config.threads,
+        checkpoint_every=config.checkpoint.every,
+        keyframe_every=config.gossip.keyframe_every,
+        fingerprint=math_fingerprint(config),
+        crash_at=crash[0] if crash else None,
+    )
 
 
 def build_transport(config: Config, peer: Peer, gossip: Gossip) -> Any:
@@ -69,7 +79,7 @@ def build_transport(config: Config, peer: Peer, gossip: Gossip) -> Any:
         public = dict(load_public_keys(config.security.key_dir))
         public.update({p.id: p.public_key.encode() for p in config.network.peers if p.public_key})
     net = config.network
-    return ZmqTransport[Inbound](
+    transport = ZmqTransport[Inbound](
         peer.index,
         config.endpoint(peer.index),
         {j: config.endpoint(j) for j in targets},
@@ -80,6 +90,10 @@ def build_transport(config: Config, peer: Peer, gossip: Gossip) -> Any:
         curve=curve,
         public_keys=public,
     )
+    plan = plan_from_config(config.faults)
+    if not plan.rules:
+        return transport
+    return FaultyTransport(transport, plan, key_of=wire.peek)  # the plan's faults, on our messages
 
 
 @dataclass(frozen=True)
@@ -96,7 +110,7 @@ def prepare(config: Config, peer_id: int, out: Path, *, resume: bool = False) ->
     """Build peer ``peer_id`` and, with ``resume``, restore it (a CheckpointError names the file)."""
     peer = build_peer(config, peer_id)
     checkpoint_dir = config.checkpoint.dir or out / "checkpoint"
-    start = restore(peer, load_checkpoint(checkpoint_dir, peer_id, config)) if resume else 0
+    start = restore(peer, load_checkpoint(checkpoint_dir, peer_id, math_fingerprint(config))) if resume else 0
     if resume:
         log.info("resumed from %s at round %d", checkpoint_dir, start)
     return Start(peer, start, resume, checkpoint_dir)
@@ -112,11 +126,18 @@ def build_daemon(
     services: Sequence[Service] = (),
 ) -> Daemon:
     """The daemon of ``start.peer`` over ZeroMQ. Call inside the event loop that will run it."""
-    gossip = Gossip(start.peer, config, start_round=start.round)
+    gossip = Gossip(
+        start.peer,
+        config.network,
+        n_peers=config.peers,
+        rounds=config.rounds,
+        start_round=start.round,
+        plan=plan_from_config(config.faults),
+    )
     gossip.transport = build_transport(config, start.peer, gossip)
     return Daemon(
         start.peer,
-        config,
+        daemon_settings(config, start.peer.index),
         gossip,
         gossip.transport,
         out=out,
@@ -168,12 +189,12 @@ def peer_logging(out: Path, peer_id: int) -> Iterator[None]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    config = load_config(args.config, args.set)
+    config = load_config(args.config, args.set, faults=args.faults)
     if not 0 <= args.peer < config.peers:
         raise ConfigError("--peer", args.peer, f"must be in 0..{config.peers - 1} (peers = {config.peers})")
     out = Path(args.out) if args.out else Path("runs") / f"peer-{args.peer}"
     if args.resume:  # fail before creating anything when there is nothing to resume from
-        load_checkpoint(config.checkpoint.dir or out / "checkpoint", args.peer, config)
+        load_checkpoint(config.checkpoint.dir or out / "checkpoint", args.peer, math_fingerprint(config))
     torch.set_num_threads(config.threads)
     with peer_logging(out, args.peer):
         log.info(
@@ -187,15 +208,3 @@ def cmd_run(args: argparse.Namespace) -> int:
         start = prepare(config, args.peer, out, resume=args.resume)
         status = uvloop.run(run_peer(config, start, out))
     return 0 if status is DaemonStatus.STOPPED else 1
-
-
-def add_run_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``run`` to a ``demuon`` sub-command parser set."""
-    r = subparsers.add_parser("run", help="run one peer of a cluster (ZeroMQ gossip)")
-    r.add_argument("--config", type=Path, required=True, help="the cluster's TOML file (same on every peer)")
-    r.add_argument("--peer", type=int, required=True, help="this peer's id, 0..peers-1")
-    r.add_argument("--out", type=Path, help="output folder (default runs/peer-<id>)")
-    r.add_argument("--resume", action="store_true", help="continue from this peer's checkpoint")
-    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
-    r.set_defaults(func=cmd_run)
-    return r

@@ -1,4 +1,8 @@
-"""PNG plots of runs (matplotlib, headless Agg backend)."""
+"""PNG plots of runs (matplotlib, headless Agg backend; layer 6).
+
+Every plot reads the one schema of :mod:`demuon.results`: :func:`demuon.results.run_series` rows
+for a run (simulate and launch alike) and per-peer ``metrics.jsonl`` rows.
+"""
 
 from __future__ import annotations
 
@@ -11,16 +15,20 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
+Rows = Sequence[Mapping[str, Any]]
+
+#: (key, title, log scale) of the four panels of a run plot.
 PANELS: tuple[tuple[str, str, bool], ...] = (
-    ("train_loss", "mean train loss", False),
+    ("train_loss", "train loss (mean over peers, min–max band)", False),
     ("val_loss", "validation loss of the averaged model", False),
-    ("consensus_error", "consensus error", True),
-    ("bytes", "payload bytes sent per round (all peers)", True),
+    ("consensus_error", "consensus error (simulator) / mean local disagreement (cluster)", True),
+    ("bytes_out", "bytes sent per round, all peers (headers included)", True),
 )
 
 
-def _series(rows: Sequence[Mapping[str, Any]], key: str) -> tuple[list[float], list[float]]:
+def _series(rows: Rows, key: str) -> tuple[list[float], list[float]]:
     xs, ys = [], []
     for r in rows:
         v = r.get(key)
@@ -30,17 +38,35 @@ def _series(rows: Sequence[Mapping[str, Any]], key: str) -> tuple[list[float], l
     return xs, ys
 
 
-def plot_runs(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path, title: str) -> Path:
-    """One figure, four panels (train loss, validation loss, consensus error, bytes), one line per run."""
+def _panel_key(rows: Rows, key: str) -> str:
+    """A launch has no consensus error: show the mean local disagreement instead."""
+    if key == "consensus_error" and not _series(rows, key)[0]:
+        return "local_disagreement"
+    return key
+
+
+def plot_runs(runs: Mapping[str, Rows], path: Path, title: str) -> Path:
+    """One figure, four panels (:data:`PANELS`), one line per run (``run_series`` rows)."""
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
     for ax, (key, label, log) in zip(axes.flat, PANELS, strict=True):
+        drawn = False
         for name, rows in runs.items():
-            xs, ys = _series(rows, key)
-            if xs:
-                ax.plot(xs, ys, label=name, marker="o" if key == "val_loss" else None, markersize=3)
-        ax.set_title(label)
+            shown = _panel_key(rows, key)
+            xs, ys = _series(rows, shown)
+            if not xs:
+                continue
+            drawn = True
+            (line,) = ax.plot(xs, ys, label=name, marker="o" if key == "val_loss" else None, markersize=3)
+            if key == "train_loss":
+                lo, hi = _series(rows, "train_loss_min"), _series(rows, "train_loss_max")
+                if lo[0] and len(lo[0]) == len(hi[0]):
+                    ax.fill_between(lo[0], lo[1], hi[1], color=line.get_color(), alpha=0.15)
+        ax.set_title(label, fontsize=10)
         ax.set_xlabel("round")
-        if log and any(_series(rows, key)[1] for rows in runs.values()):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if not drawn:
+            ax.text(0.5, 0.5, "not measured in this run", ha="center", va="center", transform=ax.transAxes)
+        elif log:
             ax.set_yscale(
                 "symlog" if key == "consensus_error" else "log",
                 **({"linthresh": 1e-6} if key == "consensus_error" else {}),
@@ -53,7 +79,7 @@ def plot_runs(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path, title
 
 
 def plot_per_peer(
-    per_peer: Mapping[int, Sequence[Mapping[str, Any]]],
+    per_peer: Mapping[int, Rows],
     key: str,
     path: Path,
     *,
@@ -77,6 +103,7 @@ def plot_per_peer(
     elif log and min(drawn) > 0:
         ax.set_yscale("log")
     ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)

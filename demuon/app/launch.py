@@ -23,7 +23,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -34,9 +34,11 @@ from rich.live import Live
 from rich.table import Table
 
 from demuon import results
-from demuon.config import Config, load_config
+from demuon.atomic import atomic_write_bytes
+from demuon.config import Config, PeerFault, load_config
+from demuon.errors import ConfigError
 
-# How a peer is started; the one place to change when `run` moves into `demuon.cli`.
+# How a peer is started (the one place to change it).
 PEER_COMMAND: tuple[str, ...] = (sys.executable, "-m", "demuon", "run")
 REFRESH_S = 0.5  # live view / watch tick (about 2 refreshes a second)
 GRACE_S = 5.0  # SIGTERM → SIGKILL: this margin + one round of phase deadlines (see stop_grace)
@@ -51,6 +53,7 @@ class Status(enum.Enum):
     RUNNING = "running"
     DONE = "done"  # exited 0 (finished, or stopped cleanly by remote control)
     STOPPED = "stopped"  # exited after our SIGTERM/SIGKILL, or exited 0 before the last round
+    CRASHED = "crashed"  # killed by the fault plan (crash_at), not restarted (yet)
     FAILED = "failed"
 
 
@@ -93,15 +96,22 @@ class PeerProcess:
     totals: dict[str, float] = field(default_factory=lambda: {"bytes_out": 0.0, "late": 0.0, "missing": 0.0})
     status: Status = Status.STARTING
     signalled: bool = False  # launch sent it SIGTERM/SIGKILL while it ran
+    crashed: bool = False  # the fault plan killed it (and it has not been restarted since)
+    restarts: int = 0
 
     def refresh(self) -> None:
         for row in self.tail.read_new():
             for key in self.totals:
                 value = row.get(key)
-                self.totals[key] += float(value) if isinstance(value, int | float) else 0.0
+                if isinstance(value, list):  # "missing": the senders missing this round
+                    self.totals[key] += len(value)
+                elif isinstance(value, int | float):
+                    self.totals[key] += float(value)
             self.rows = [*self.rows, row][-RATE_WINDOW:]
         rc = self.proc.poll()
-        if rc is None:
+        if rc is not None and self.crashed:
+            self.status = Status.CRASHED
+        elif rc is None:
             self.status = Status.RUNNING if self.rows else Status.STARTING
         elif rc == 0:
             self.status = Status.STOPPED if self.signalled else Status.DONE
@@ -137,19 +147,19 @@ def _die_with_parent() -> None:
         pass
 
 
-def peer_argv(config_path: Path, peer: int, out: Path, overrides: Sequence[str]) -> list[str]:
-    argv = [*PEER_COMMAND, "--config", str(config_path), "--peer", str(peer), "--out", str(out)]
+def peer_argv(config_path: Path, peer: int, out: Path, overrides: Sequence[str], *extra: str) -> list[str]:
+    argv = [*PEER_COMMAND, "--config", str(config_path), "--peer", str(peer), "--out", str(out), *extra]
     for item in overrides:
         argv += ["--set", item]
     return argv
 
 
-def spawn(config_path: Path, peer: int, out: Path, overrides: Sequence[str]) -> PeerProcess:
+def spawn(config_path: Path, peer: int, out: Path, overrides: Sequence[str], *extra: str) -> PeerProcess:
     out.mkdir(parents=True, exist_ok=True)
-    log = (out / "stdout.txt").open("wb")
+    log = (out / "stdout.txt").open("ab")
     try:
         proc = subprocess.Popen(
-            peer_argv(config_path, peer, out, overrides),
+            peer_argv(config_path, peer, out, overrides, *extra),
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -159,7 +169,7 @@ def spawn(config_path: Path, peer: int, out: Path, overrides: Sequence[str]) -> 
     except BaseException:
         log.close()
         raise
-    return PeerProcess(peer, out, proc, log, MetricsTail(out / "metrics.jsonl"))
+    return PeerProcess(peer, out, proc, log, MetricsTail(out / results.METRICS))
 
 
 def _fmt(value: float | int | None, spec: str) -> str:
@@ -229,6 +239,41 @@ class Stopper:
         self.wake.set()
 
 
+class PlannedCrashes:
+    """The fault plan's ``[[peer]] crash_at`` and ``restart_after_s``. The peer itself carries out
+    the crash (it SIGKILLs itself as it starts round ``crash_at``, exactly, see
+    :class:`demuon.node.daemon.Daemon`); launch notices the kill and, after ``restart_after_s``,
+    starts the same peer again with ``--resume`` (from its last periodic checkpoint)."""
+
+    def __init__(self, faults: Sequence[PeerFault], restart: Callable[[PeerProcess], None]) -> None:
+        self.pending = {f.id: f for f in faults if f.crash_at is not None}
+        self.restart_at: dict[int, float] = {}
+        self.restart = restart
+
+    @property
+    def waiting(self) -> bool:
+        """A killed peer is still to be restarted."""
+        return bool(self.restart_at)
+
+    def step(self, peers: Sequence[PeerProcess]) -> None:
+        now = time.monotonic()
+        for p in peers:
+            f = self.pending.get(p.id)
+            if f is None or p.proc.poll() != -signal.SIGKILL:
+                continue
+            p.crashed = True
+            del self.pending[p.id]
+            later = "" if f.restart_after_s is None else f", restart in {f.restart_after_s:g}s"
+            console.print(f"fault plan: peer {p.id} crashed at round {f.crash_at}{later}")
+            if f.restart_after_s is not None:
+                self.restart_at[p.id] = now + f.restart_after_s
+        for p in peers:
+            if p.id in self.restart_at and now >= self.restart_at[p.id]:
+                del self.restart_at[p.id]
+                console.print(f"fault plan: restarting peer {p.id} with --resume")
+                self.restart(p)
+
+
 def watch(
     peers: Sequence[PeerProcess],
     rounds: int,
@@ -237,6 +282,7 @@ def watch(
     every: int,
     grace_s: float,
     timeout_s: float | None,
+    crashes: PlannedCrashes | None = None,
 ) -> bool:
     """Refresh until every peer has exited. Returns True if launch was interrupted."""
     start = time.monotonic()
@@ -254,7 +300,9 @@ def watch(
                 if lo + 1 >= next_line:
                     print(progress_line(peers, rounds), flush=True)
                     next_line = (lo + 1) // every * every + every
-            if all(p.proc.returncode is not None for p in peers):
+            if crashes is not None and stop_at is None:
+                crashes.step(peers)
+            if all(p.proc.returncode is not None for p in peers) and not (crashes and crashes.waiting):
                 break
             overdue = timeout_s is not None and time.monotonic() - start > timeout_s
             if (stopper.requests or overdue) and stop_at is None:
@@ -294,14 +342,15 @@ def write_launch_summary(
     config: Config, out: Path, peers: Sequence[PeerProcess], *, interrupted: bool, wall_s: float
 ) -> dict[str, Any]:
     """summary.json from the peers' final files (or checkpoints / metrics of stopped peers)."""
-    from demuon.report import launch_summary
+    from demuon.app.summary import launch_summary
 
-    statuses = {p.id: {"status": p.status.value, "exit_code": p.proc.returncode} for p in peers}
-    data = launch_summary(config, out, statuses, extra={"interrupted": interrupted, "wall_s": wall_s})
-    for entry in data["peers"]:  # exit 0 without final.json: stopped cleanly (e.g. MQTT "stop")
-        if entry["status"] == Status.DONE.value and entry["from"] != "final":
-            entry["status"] = Status.STOPPED.value
-    data["failed"] = [e["id"] for e in data["peers"] if e["status"] == Status.FAILED.value]
+    statuses: dict[int, dict[str, Any]] = {}
+    for p in peers:
+        status = p.status
+        if status is Status.DONE and not (p.out / "final.json").is_file():
+            status = Status.STOPPED  # exit 0 without final.json: stopped cleanly (e.g. MQTT "stop")
+        statuses[p.id] = {"status": status.value, "exit_code": p.proc.returncode}
+    data = launch_summary(config, out, statuses, interrupted=interrupted, wall_s=wall_s)
     results.write_summary(out, data)
     return data
 
@@ -312,9 +361,26 @@ def stop_grace(config: Config) -> float:
     return 2 * config.network.phase_timeout_s + GRACE_S
 
 
+def check_peer_faults(config: Config) -> None:
+    """A plan ``demuon launch`` cannot carry out fails before anything starts, naming the field."""
+    for f in config.faults.peer:
+        if f.leave_at is not None:
+            raise ConfigError(
+                "faults.peer.leave_at", f.leave_at, f"peer {f.id}: announced leaves are not built yet"
+            )
+        if f.restart_after_s is not None and config.checkpoint.every == 0:
+            raise ConfigError(
+                "faults.peer.restart_after_s",
+                f.restart_after_s,
+                f"peer {f.id} resumes from its last periodic checkpoint: set checkpoint.every > 0",
+            )
+
+
 def cmd_launch(args: argparse.Namespace) -> int:
     config_path = Path(args.config).resolve()
-    config = load_config(config_path, args.set)
+    config = load_config(config_path, args.set, faults=args.faults)
+    check_peer_faults(config)
+    extra = ("--faults", str(Path(args.faults).resolve())) if args.faults else ()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
@@ -322,9 +388,15 @@ def cmd_launch(args: argparse.Namespace) -> int:
     interrupted = False
     try:
         for i in range(config.peers):
-            peers.append(spawn(config_path, i, out / f"peer-{i}", args.set))
+            peers.append(spawn(config_path, i, results.peer_folder(out, i), args.set, *extra))
+
+        def restart(p: PeerProcess) -> None:
+            again = spawn(config_path, p.id, p.out, args.set, *extra, "--resume")
+            p.log.close()
+            p.proc, p.log, p.crashed, p.restarts = again.proc, again.log, False, p.restarts + 1
+
         pids = [{"id": p.id, "pid": p.proc.pid, "argv": p.proc.args} for p in peers]
-        results.atomic_write_bytes(out / "peers.json", json.dumps({"peers": pids}, indent=1).encode())
+        atomic_write_bytes(out / "peers.json", json.dumps({"peers": pids}, indent=1).encode())
         console.print(f"launched {config.peers} peers ({config.topology.name}); output in {out}/peer-<i>/")
         interrupted = watch(
             peers,
@@ -333,6 +405,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
             every=args.every,
             grace_s=stop_grace(config) if args.grace is None else args.grace,
             timeout_s=args.timeout,
+            crashes=PlannedCrashes(config.faults.peer, restart) if config.faults.peer else None,
         )
     finally:
         reap(peers)
@@ -350,24 +423,3 @@ def cmd_launch(args: argparse.Namespace) -> int:
         console.print(f"[red]failed:[/red] {names}")
         return 1
     return 130 if interrupted else 0
-
-
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    p: argparse.ArgumentParser = subparsers.add_parser(
-        "launch", help="run every peer of a cluster file on this machine"
-    )
-    p.add_argument("--config", type=Path, required=True, help="cluster TOML file")
-    p.add_argument("--out", type=Path, required=True, help="folder for peer-<i>/ and summary.json")
-    p.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting (all peers)"
-    )
-    p.add_argument(
-        "--no-live", action="store_true", help="print a line every --every rounds instead of a live table"
-    )
-    p.add_argument("--every", type=int, default=10, help="rounds between lines with --no-live")
-    p.add_argument(
-        "--grace", type=float, help="seconds between SIGTERM and SIGKILL (default: 2 deadlines + 5)"
-    )
-    p.add_argument("--timeout", type=float, default=None, help="stop the peers after this many seconds")
-    p.set_defaults(func=cmd_launch)
-    return p

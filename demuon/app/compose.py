@@ -31,7 +31,7 @@ from rich.console import Console
 
 from demuon.config import ENV_PREFIX, Config, load_config, parse_value
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 IMAGE = "demuon:latest"
 MOSQUITTO_IMAGE = "eclipse-mosquitto:2"
 MQTT_PORT = 1883
@@ -134,17 +134,3 @@ def cmd_compose(args: argparse.Namespace) -> int:
     out, cluster = write_compose(Path(args.config), Path(args.out), overrides=args.set, mqtt=args.mqtt)
     console.print(f"wrote {out} and {cluster}; start with: docker compose -f {out} up --build")
     return 0
-
-
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    p: argparse.ArgumentParser = subparsers.add_parser(
-        "compose", help="write a docker-compose file, one service per peer"
-    )
-    p.add_argument("--config", type=Path, required=True, help="cluster TOML file")
-    p.add_argument("--out", type=Path, default=Path("docker-compose.yml"), help="compose file to write")
-    p.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting (all peers)"
-    )
-    p.add_argument("--mqtt", action="store_true", help="add a mosquitto service and point telemetry at it")
-    p.set_defaults(func=cmd_compose)
-    return p

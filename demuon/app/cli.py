@@ -1,0 +1,149 @@
+"""Command line: ``demuon simulate | demo | run | launch | report | compose | keys generate``.
+
+This module only builds the parser. Each command's module is imported when that command runs, so
+``demuon --help``, ``demuon --version`` and ``demuon keys …`` never import torch or matplotlib
+(a test checks it). Every ``--help`` shows the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from demuon import __version__
+
+#: The algorithms ``--algorithms`` accepts (kept in step with config.AlgorithmName by a test,
+#: so that building the parser does not import pydantic).
+ALGORITHMS = ("demuon", "dsgd", "dsgd_clip", "gt_dsgd", "gt_nsgdm")
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _lazy(module: str, function: str) -> Handler:
+    """A handler that imports ``demuon.app.<module>`` only when its command runs."""
+
+    def handler(args: argparse.Namespace) -> int:
+        fn: Handler = getattr(importlib.import_module(f"demuon.app.{module}"), function)
+        return fn(args)
+
+    handler.__qualname__ = f"{module}.{function}"
+    return handler
+
+
+def _set(p: argparse.ArgumentParser, what: str = "a setting") -> None:
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help=f"override {what}, e.g. rounds=20"
+    )
+
+
+def _faults(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--faults", type=Path, metavar="FILE", help="fault plan (TOML), replaces the config's [faults]"
+    )
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: …)`` for every option that has a default worth showing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default in (None, False, [], argparse.SUPPRESS) or "%(default)" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt: Any = _Formatter
+    p = argparse.ArgumentParser(
+        prog="demuon", description="peer-to-peer decentralized Muon training", formatter_class=fmt
+    )
+    p.add_argument("--version", action="version", version=f"demuon {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("simulate", help="N peers in one process with exact mixing", formatter_class=fmt)
+    s.add_argument("--config", type=Path, help="TOML experiment file (default: built-in defaults)")
+    _set(s)
+    s.add_argument("--out", type=Path, help="run folder: peer-<i>/metrics.jsonl, cluster.jsonl, summary.json")
+    s.add_argument("--algorithms", help=f"comma-separated, side by side ({','.join(ALGORITHMS)})")
+    _faults(s)
+    s.set_defaults(func=_lazy("commands", "cmd_simulate"))
+
+    d = sub.add_parser("demo", help="the default demonstration (what `make demo` runs)", formatter_class=fmt)
+    d.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder")
+    _set(d)
+    d.add_argument("--simulate", action="store_true", help="compare algorithms in the simulator instead")
+    d.set_defaults(func=_lazy("commands", "cmd_demo"))
+
+    r = sub.add_parser("run", help="run one peer of a cluster (ZeroMQ gossip)", formatter_class=fmt)
+    r.add_argument("--config", type=Path, required=True, help="the cluster's TOML file (same on every peer)")
+    r.add_argument("--peer", type=int, required=True, help="this peer's id, 0..peers-1")
+    r.add_argument("--out", type=Path, help="output folder (default runs/peer-<id>)")
+    r.add_argument("--resume", action="store_true", help="continue from this peer's checkpoint")
+    _set(r)
+    _faults(r)
+    r.set_defaults(func=_lazy("run", "cmd_run"))
+
+    la = sub.add_parser(
+        "launch", help="run every peer of a cluster file on this machine", formatter_class=fmt
+    )
+    la.add_argument("--config", type=Path, required=True, help="cluster TOML file")
+    la.add_argument("--out", type=Path, required=True, help="folder for peer-<i>/ and summary.json")
+    _set(la, "a setting of every peer")
+    _faults(la)
+    la.add_argument("--no-live", action="store_true", help="print a line every --every rounds, no live table")
+    la.add_argument("--every", type=int, default=10, help="rounds between lines with --no-live")
+    la.add_argument(
+        "--grace", type=float, help="seconds between SIGTERM and SIGKILL (default: 2 deadlines + 5)"
+    )
+    la.add_argument("--timeout", type=float, help="stop the peers after this many seconds (default: none)")
+    la.set_defaults(func=_lazy("launch", "cmd_launch"))
+
+    rp = sub.add_parser("report", help="table and plots of a launch/simulate folder", formatter_class=fmt)
+    rp.add_argument("dir", type=Path, help="output folder of `demuon launch` or `demuon simulate`")
+    rp.add_argument("--config", type=Path, help="the run's config: rebuild a missing launch summary.json")
+    _set(rp, "a setting, as given to launch")
+    rp.set_defaults(func=_lazy("report", "cmd_report"))
+
+    c = sub.add_parser(
+        "compose", help="write a docker-compose file, one service per peer", formatter_class=fmt
+    )
+    c.add_argument("--config", type=Path, required=True, help="cluster TOML file")
+    c.add_argument("--out", type=Path, default=Path("docker-compose.yml"), help="compose file to write")
+    _set(c, "a setting of every peer")
+    c.add_argument("--mqtt", action="store_true", help="add a mosquitto service and point telemetry at it")
+    c.set_defaults(func=_lazy("compose", "cmd_compose"))
+
+    k = sub.add_parser("keys", help="CURVE key management", formatter_class=fmt)
+    ksub = k.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    kg = ksub.add_parser("generate", help="write one CURVE keypair per peer into DIR", formatter_class=fmt)
+    kg.add_argument("dir", type=Path, help="folder for peer-<id>.key and peer-<id>.key_secret")
+    kg.add_argument("--peers", type=int, default=8, help="number of peers (ids 0..N-1)")
+    kg.set_defaults(func=_lazy("commands", "cmd_keys"))
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from rich.console import Console
+    from rich.markup import escape
+
+    from demuon.errors import DemuonError
+
+    console = Console(stderr=True)
+    try:
+        return int(args.func(args))
+    except DemuonError as exc:
+        # unwrapped and unformatted: paths and values in the message must survive copy and paste
+        console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

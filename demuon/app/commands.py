@@ -1,0 +1,138 @@
+"""``demuon simulate`` and ``demuon demo`` (layer 6). Heavy modules are imported inside the
+commands, so importing this module for a handler costs little."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
+from importlib.resources import as_file, files
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from demuon.config import ALGORITHM_NAMES, Config, load_config
+from demuon.errors import DemuonError
+
+if TYPE_CHECKING:
+    from demuon.app.simulate import SimulationResult
+
+console = Console(stderr=True)
+
+#: The built-in experiment files (package data: they travel with an installed wheel).
+DEMO_SIMULATE = "demo-simulate.toml"
+DEMO_CLUSTER = "demo-cluster.toml"
+
+
+def packaged_config(name: str, stack: ExitStack) -> Path:
+    """A file of ``demuon/configs`` as a real path for as long as ``stack`` is open."""
+    return stack.enter_context(as_file(files("demuon.configs") / name))
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+def algorithms_arg(arg: str | None, config: Config) -> list[str]:
+    if not arg:
+        return [config.algorithm.name]
+    names = [a.strip() for a in arg.split(",") if a.strip()]
+    bad = [a for a in names if a not in ALGORITHM_NAMES]
+    if bad:
+        raise DemuonError(f"--algorithms: unknown {bad}; choose from {', '.join(ALGORITHM_NAMES)}")
+    return names
+
+
+def simulate_many(config: Config, algorithms: Sequence[str], out: Path | None) -> dict[str, SimulationResult]:
+    """Run each algorithm on the same config (with its ``per_algorithm`` overrides), side by side:
+    with several, each gets its own run folder ``out/<algorithm>``."""
+    from demuon import results
+    from demuon.app import plots, simulate
+
+    runs: dict[str, SimulationResult] = {}
+    with _progress() as bar:
+        for name in algorithms:
+            cfg = config.for_algorithm(name)
+            task = bar.add_task(name, total=cfg.rounds, loss="…")
+
+            def hook(k: int, row: Mapping[str, Any], task: Any = task) -> None:
+                bar.update(task, completed=k + 1, loss=f"{row['train_loss']:.4f}")
+
+            sub = (out / name) if out and len(algorithms) > 1 else out
+            runs[name] = simulate.run(cfg, out=sub, progress=hook)
+    if out:
+        title = f"{config.peers} peers, {config.topology.name}, {config.workload.kind}"
+        plots.plot_runs(
+            {n: results.run_series(r.per_peer, r.cluster) for n, r in runs.items()}, out / "plot.png", title
+        )
+    return runs
+
+
+def print_run_table(runs: Mapping[str, SimulationResult]) -> None:
+    from demuon import results
+    from demuon.app.report import run_table
+
+    series = {name: (results.run_series(r.per_peer, r.cluster), r.summary) for name, r in runs.items()}
+    Console().print(run_table(series, "results"))
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.set, faults=args.faults)
+    out = Path(args.out) if args.out else None
+    runs = simulate_many(config, algorithms_arg(args.algorithms, config), out)
+    print_run_table(runs)
+    if out:
+        console.print(f"wrote {out}/ (peer-<i>/metrics.jsonl, cluster.jsonl, summary.json, plot.png)")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """``make demo``: a real local cluster (one process per peer) then its report; with
+    ``--simulate``, the simulator's side-by-side comparison of DeMuon, DSGD and GT-NSGDm."""
+    from demuon.app.cli import main
+
+    out = Path(args.out)
+    with ExitStack() as stack:
+        if args.simulate:
+            config = load_config(packaged_config(DEMO_SIMULATE, stack), args.set)
+            console.print(
+                f"demo: {config.peers} simulated peers on a {config.topology.name}, {config.workload.kind}"
+            )
+            runs = simulate_many(config, ["demuon", "dsgd", "gt_nsgdm"], out)
+            print_run_table(runs)
+            console.print(f"plot: {out / 'plot.png'}")
+            return 0
+        path = packaged_config(DEMO_CLUSTER, stack)
+        config = load_config(path, args.set)  # fail early, before any process starts
+        console.print(
+            f"demo: {config.peers} peer processes on a {config.topology.name} over loopback ZeroMQ, "
+            f"{config.algorithm.name}, {config.workload.kind} workload, {config.rounds} rounds"
+        )
+        argv = ["--config", str(path), "--out", str(out)]
+        argv += [f"--set={item}" for item in args.set]
+        if not sys.stderr.isatty():
+            argv += ["--no-live", "--every", "20"]
+        code = main(["launch", *argv])
+        if code == 0:
+            code = main(["report", str(out)])
+        return code
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from demuon.transport.security import generate_keys
+
+    ids = list(range(args.peers))
+    paths = generate_keys(Path(args.dir), ids)
+    console.print(f"wrote CURVE keypairs for peers {ids[0]}..{ids[-1]} in {args.dir} ({len(paths)} peers)")
+    return 0

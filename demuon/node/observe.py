@@ -1,0 +1,142 @@
+"""Cluster-level measurements that need every peer's state at once (layer 4).
+
+Only the simulator holds all peers; it writes these to ``cluster.jsonl``. ``demuon launch`` and
+``demuon report`` use :func:`averaged_validation_loss` on the peers' final parameters.
+docs/algorithms.md §2.5 defines the consensus error and the tracking invariant.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from demuon.node.peer import Peer
+from demuon.workloads import Workload
+
+
+def consensus_error(peers: Sequence[Peer]) -> float:
+    """sqrt(Σ_params ‖stack_i(X_i − X̄)‖²): spectral norm of the stacked (N·m)×n matrix for ≥2-D
+    parameters, ℓ2 for 1-D and scalars (docs/algorithms.md §2.5)."""
+    total = 0.0
+    for name in peers[0].names:
+        stack = torch.stack([p.params[name].detach().double() for p in peers])
+        dev = stack - stack.mean(dim=0, keepdim=True)
+        if dev.dim() >= 3:
+            flat = dev.reshape(dev.shape[0] * dev.shape[1], -1)
+            total += float(torch.linalg.matrix_norm(flat, ord=2)) ** 2
+        else:
+            total += float(dev.square().sum())
+    return math.sqrt(total)
+
+
+@dataclass(frozen=True)
+class TrackerState:
+    """What the tracking invariant needs of one peer: its V and M, and with running sums its own
+    S, its ρ per in-neighbour and its view of the round (float64 or not, any device)."""
+
+    index: int
+    V: Mapping[str, torch.Tensor]
+    M: Mapping[str, torch.Tensor]
+    S: Mapping[str, torch.Tensor]
+    rho: Mapping[int, Mapping[str, torch.Tensor]]
+    in_neighbours: tuple[tuple[int, float], ...]
+    R_self: Mapping[str, torch.Tensor] = field(default_factory=dict)  # compressed: Σ_t V̂^t, own
+    R: Mapping[int, Mapping[str, torch.Tensor]] = field(default_factory=dict)  # ... of each copy
+    gamma: float = 1.0
+
+    @classmethod
+    def of(cls, peer: Peer, k: int) -> TrackerState:
+        return cls(
+            peer.index,
+            peer.V,
+            peer.M,
+            peer.S,
+            peer.rho,
+            peer.view(k).in_neighbours,
+            peer.R_self.get("V", {}),
+            peer.R.get("V", {}),
+            peer.gamma,
+        )
+
+
+def tracking_drift(states: Sequence[TrackerState]) -> float | None:
+    """``‖mean V + in-flight/N − mean M‖ / max(‖mean M‖, 1e-12)`` over all parameters, float64:
+    how far the network-wide averages are from mean V = mean M, counting tracker mass still in
+    flight on a link (``w_ij (S_j − ρ_ij)``) as delivered. None without trackers (empty V)."""
+    if not states or not states[0].V:
+        return None
+    by_index = {s.index: s for s in states}
+    n = len(states)
+    gap = mean_m = 0.0
+    for name in states[0].V:
+        v = torch.stack([s.V[name].double().cpu() for s in states]).mean(0)
+        m = torch.stack([s.M[name].double().cpu() for s in states]).mean(0)
+        for s in states:
+            for j, w in s.in_neighbours:
+                sender = by_index.get(j)
+                if sender is not None and sender.S and j in s.rho:
+                    v = v + w * (sender.S[name].double().cpu() - s.rho[j][name].double().cpu()) / n
+                elif sender is not None and sender.R_self and j in s.R:
+                    owed = sender.R_self[name].double().cpu() - s.R[j][name].double().cpu()
+                    v = v + s.gamma * w * owed / n
+        gap += float((v - m).square().sum())
+        mean_m += float(m.square().sum())
+    return math.sqrt(gap) / max(math.sqrt(mean_m), 1e-12)
+
+
+def in_flight(peers: Sequence[Peer], k: int) -> dict[str, torch.Tensor]:
+    """Tracker mass sent but not yet used after round ``k``, summed over all links (float64):
+    ``Σ_i Σ_j w_ij (S_j − ρ_ij)`` with running sums, ``Σ_i Σ_j γ w_ij (R_j − R_ij)`` (the repair
+    the next keyframe brings) with compressed replica sums (docs/algorithms.md §8), else zero."""
+    by_index = {p.index: p for p in peers}
+    total = {n: torch.zeros(p.shape, dtype=torch.float64) for n, p in peers[0].params.items()}
+    for p in peers:
+        for j, w in p.view(k).in_neighbours:
+            sender = by_index.get(j)
+            if sender is None:
+                continue
+            for n in total:
+                if p.running_sums:
+                    total[n] += w * (sender.S[n].double().cpu() - p.rho[j][n].double().cpu())
+                elif p.replica_sums:  # compressed: the repair a keyframe will bring
+                    mine = p.R["V"][j][n].double().cpu()
+                    total[n] += p.gamma * w * (sender.R_self["V"][n].double().cpu() - mine)
+    return total
+
+
+def tracking_gap(peers: Sequence[Peer], k: int | None = None) -> float | None:
+    """‖mean_i V_i − mean_i M_i‖ over all parameters (docs/algorithms.md §9 item 17); None
+    without a tracker. With ``k`` (the round just run), tracker mass still in flight after it
+    counts as if delivered: the invariant mean V = mean M then holds under message loss too."""
+    if "V" not in peers[0].phases:
+        return None
+    flying = in_flight(peers, k) if k is not None else {}
+    sq = 0.0
+    for name in peers[0].names:
+        mv = torch.stack([p.V[name].double().cpu() for p in peers]).mean(0)
+        if name in flying:
+            mv = mv + flying[name] / len(peers)
+        mm = torch.stack([p.M[name].double().cpu() for p in peers]).mean(0)
+        sq += float((mv - mm).square().sum())
+    return math.sqrt(sq)
+
+
+def averaged_validation_loss(
+    workload: Workload,
+    seed: int,
+    states: Sequence[Mapping[str, torch.Tensor]],  # each peer's parameters by name (not modified)
+    *,
+    device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> float:
+    """Validation loss of the model whose parameters are the mean of the peers' (the mean is
+    taken in float64, then cast to ``dtype``). The simulator and ``demuon launch`` both use it."""
+    model = workload.build_model(seed).to(device or torch.device("cpu"), dtype)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            stacked = torch.stack([torch.as_tensor(s[name]).to(param.device, torch.float64) for s in states])
+            param.copy_(stacked.mean(0))
+    return float(workload.validation_loss(model))
