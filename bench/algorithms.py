@@ -20,13 +20,15 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from demuon import plots, simulate
+from demuon import results
+from demuon.app import plots, simulate
 from demuon.config import Config, config_from_dict
 
 GRAPHS = ("complete", "directed_exponential", "ring")
 METHODS = ("demuon", "gt_nsgdm", "dsgd_clip", "dsgd")
-# Step-size grids (η), spanning the values the DeMuon authors used (ALGORITHMS.md §1.6) scaled
-# for this model. Every method uses the same linear decay schedule.
+# Step-size grids (η), spanning the values the DeMuon authors used for the methods
+# (docs/algorithms.md §3), scaled for this model (the paper's and ours: docs/algorithms.md §10).
+# Every method uses the same linear decay schedule.
 GRID: dict[str, tuple[float, ...]] = {
     "demuon": (0.06, 0.12, 0.24),
     "gt_nsgdm": (0.1, 0.3, 0.6),
@@ -71,20 +73,21 @@ def main(argv: list[str] | None = None) -> int:
             grid = GRID[method][1:2] if args.quick else GRID[method]
             for lr in grid:
                 res = run_one(graph, method, lr, rounds, args.quick)
-                loss = res.rows[-1]["train_loss"]
+                loss = res.cluster[-1]["train_loss"]
                 tried.append({"graph": graph, "method": method, "lr": lr, "final_train_loss": loss})
                 console.print(f"{graph:>22} {method:>9} lr={lr:<6g} final train loss {loss:.4f}")
                 if loss == loss and ((graph, method) not in best or loss < best[(graph, method)][0]):
                     best[(graph, method)] = (loss, res)
         runs = {
-            f"{m} (lr {best[(graph, m)][1].config.algorithm.lr:g})": best[(graph, m)][1].rows
+            f"{m} (lr {res.config.algorithm.lr:g})": results.run_series(res.per_peer, res.cluster)
             for m in METHODS
             if (graph, m) in best
+            for res in [best[(graph, m)][1]]
         }
         plots.plot_runs(runs, args.out / f"algorithms-{graph}.png", f"8 peers, {graph}, byte-level GPT")
     rows = []
     for (graph, method), (_, res) in best.items():
-        last = res.rows[-1]
+        last = res.cluster[-1]
         rows.append(
             {
                 "graph": graph,

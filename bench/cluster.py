@@ -1,13 +1,14 @@
 """Where a networked round's time goes, and what compression saves on the wire.
 
-    python bench/cluster.py [--config configs/demo-cluster.toml] [--rounds 30] [--json]
+    python bench/cluster.py [--config demuon/configs/demo-cluster.toml] [--rounds 30] [--json]
 
 Runs ``demuon launch`` twice on this machine (8 peer processes on a loopback ring by default):
 once with the identity codec and once with top-k (C-DeMuon, γ from ``--gamma``). From the peers'
 ``metrics.jsonl`` (first ``--warmup`` rounds dropped) it prints the median over peers and rounds
 of each part of a round (gradient compute, local step + encode, send + wait, mix), the round time
 over the compute time (target ≤ 1.15 with the identity codec: gossip adds at most 15 %), and the
-bytes each peer sends per round, next to the simulator's payload count for the same config.
+bytes each peer sends per round, next to the simulator's count for the same config (both count
+whole wire messages, headers included).
 With more peers than cores, a peer's wait includes its neighbours' compute (they share the cores),
 so the ratio is only meaningful with a core per peer (e.g. ``--peers 2`` on a 2-core machine).
 """
@@ -30,10 +31,11 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from demuon import cli, results, simulate  # noqa: E402
+from demuon import results  # noqa: E402
+from demuon.app import cli, simulate  # noqa: E402
 from demuon.config import load_config  # noqa: E402
 
-DEFAULT_CONFIG = ROOT / "configs" / "demo-cluster.toml"
+DEFAULT_CONFIG = ROOT / "demuon" / "configs" / "demo-cluster.toml"
 TIMES = ("t_compute", "t_encode", "t_wait", "t_mix", "t_round")
 TARGET_RATIO = 1.15
 SIM_ROUNDS = 3  # the simulator's bytes per round do not change with the round
@@ -51,9 +53,7 @@ def median(values: list[float]) -> float | None:
 
 def cluster_figures(out: Path, warmup: int) -> dict[str, Any]:
     """Medians over every (peer, round ≥ warmup) row of the launch folder ``out``."""
-    rows = []
-    for path in sorted(out.glob("peer-*/metrics.jsonl")):
-        rows += [r for r in results.read_metrics(path) if r.get("round", 0) >= warmup]
+    rows = [r for rs in results.read_per_peer(out).values() for r in rs if r.get("round", 0) >= warmup]
     fig: dict[str, Any] = {"rows": len(rows)}
     for key in (*TIMES, "bytes_out"):
         fig[key] = median([float(r[key]) for r in rows if isinstance(r.get(key), int | float)])
@@ -62,15 +62,15 @@ def cluster_figures(out: Path, warmup: int) -> dict[str, Any]:
     busy = sum(fig[k] or 0.0 for k in ("t_compute", "t_encode", "t_mix"))
     fig["round_over_busy"] = round_ / busy if busy and round_ else None
     fig["late"] = sum(int(r.get("late") or 0) for r in rows)
-    fig["missing"] = sum(int(r.get("missing") or 0) for r in rows)
+    fig["missing"] = sum(len(r.get("missing") or ()) for r in rows)  # senders missing, per row
     return fig
 
 
 def simulated_bytes(config_path: Path, overrides: list[str]) -> float:
-    """Payload bytes one peer sends per round in the simulator (mean over peers)."""
+    """Bytes one peer sends per round in the simulator (mean over peers)."""
     cfg = load_config(config_path, [*overrides, f"rounds={SIM_ROUNDS}"])
     res = simulate.run(cfg)
-    return statistics.mean(r["bytes"] for r in res.rows) / cfg.peers
+    return statistics.mean(float(r["bytes_out"]) for r in res.cluster) / cfg.peers
 
 
 def run_codec(config_path: Path, codec: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:

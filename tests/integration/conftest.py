@@ -1,5 +1,5 @@
 """Fixtures shared by the integration tests."""
 
-from tests.integration.broker import mosquitto_installed
+from tests.support.broker import mosquitto_installed
 
 __all__ = ["mosquitto_installed"]

@@ -1,4 +1,9 @@
-"""`demuon launch` with real peer processes on loopback, and the compose file `demuon compose` writes.
+"""`demuon launch` with real peer processes on loopback (against `demuon simulate` on the same
+file, interrupted by SIGINT, stopped over MQTT), and the compose file `demuon compose` writes.
+
+A process start (importing torch) is what these tests spend their time on: the two that compare
+with the simulator run the oracle file's 4 peers, the others a 2-peer cluster file with short
+deadlines (a stopped peer's neighbour waits at most two of them before it stops too).
 
 Every process a test starts is killed and reaped in a finally: the launch process by its handle,
 the peers by the pids launch records in ``peers.json``.
@@ -19,34 +24,55 @@ from pathlib import Path
 
 import aiomqtt
 
-from demuon import cli, compose, results
+from demuon import results
+from demuon.app import cli, compose
 from demuon.config import load_config
-from tests.integration.broker import mosquitto, needs_broker
-from tests.integration.test_daemon_oracle import free_ports
+from demuon.node.rounds import ROW_KEYS
+from tests.support.broker import mosquitto, needs_broker
+from tests.support.cluster import CONFIGS, endpoints_setting, free_ports
 
-N_PEERS = 4
+ORACLE = CONFIGS / "oracle-ring4.toml"
+#: Peers of the generated cluster file (the compose test writes one of 4).
+N_PEERS = 2
 ROUNDS = 6
 DEADLINE_S = 90.0
 
 
-def write_config(path: Path, rounds: int) -> Path:
-    ports = free_ports(N_PEERS)
-    peers = "\n".join(
+def write_config(path: Path, rounds: int, peers: int = N_PEERS) -> Path:
+    ports = free_ports(peers)
+    endpoints = "\n".join(
         f'[[network.peers]]\nid = {i}\nendpoint = "tcp://127.0.0.1:{p}"\n' for i, p in enumerate(ports)
     )
     path.write_text(
-        f'peers = {N_PEERS}\nrounds = {rounds}\nseed = 3\ndevice = "cpu"\n\n'
+        f'peers = {peers}\nrounds = {rounds}\nseed = 3\ndevice = "cpu"\n\n'
         '[topology]\nname = "ring"\n\n'
         '[workload]\nkind = "quadratic"\nrows = 16\ndim_in = 8\ndim_out = 4\n\n'
-        "[network]\nphase_timeout_s = 2.0\nstart_timeout_s = 60.0\n\n" + peers
+        "[network]\nphase_timeout_s = 0.5\nstart_timeout_s = 60.0\n\n" + endpoints
     )
     return path
 
 
-def launch_argv(config: Path, out: Path, overrides: Sequence[str] = ()) -> list[str]:
-    argv = [sys.executable, "-m", "demuon", "launch", "--config", str(config), "--out", str(out)]
+def launch_argv(config: Path, out: Path, overrides: Sequence[str] = (), *extra: str) -> list[str]:
+    argv = [sys.executable, "-m", "demuon", "launch", "--config", str(config), "--out", str(out), *extra]
     argv += ["--no-live", "--every", "2"]
     return argv + [arg for item in overrides for arg in ("--set", item)]
+
+
+def launch_and_simulate(tmp_path: Path, sets: Sequence[str] = (), *extra: str) -> tuple[Path, Path, bytes]:
+    """``demuon launch`` (loopback endpoints on free ports) and ``demuon simulate --out`` on the
+    oracle file with ``sets`` and the options ``extra`` (e.g. ``--faults F``). Returns (launch
+    folder, simulate folder, launch's output)."""
+    config = load_config(ORACLE, list(sets))
+    out = tmp_path / "launch"
+    with launched(ORACLE, out, [endpoints_setting(free_ports(config.peers)), *sets], *extra) as proc:
+        output, _ = proc.communicate(timeout=DEADLINE_S)
+        logs = "\n".join(p.read_text()[-2000:] for p in sorted(out.glob("peer-*/stdout.txt")))
+        assert proc.returncode == 0, output.decode() + logs
+        assert not any(alive(pid) for pid in recorded_pids(out))
+    sim = tmp_path / "sim"
+    argv = ["simulate", "--config", str(ORACLE), "--out", str(sim), *extra]
+    assert cli.main(argv + [arg for item in sets for arg in ("--set", item)]) == 0
+    return out, sim, output
 
 
 def recorded_pids(out: Path) -> list[int]:
@@ -65,8 +91,10 @@ def alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def launched(config: Path, out: Path, overrides: Sequence[str] = ()) -> Iterator[subprocess.Popen[bytes]]:
-    argv = launch_argv(config, out, overrides)
+def launched(
+    config: Path, out: Path, overrides: Sequence[str] = (), *extra: str
+) -> Iterator[subprocess.Popen[bytes]]:
+    argv = launch_argv(config, out, overrides, *extra)
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         yield proc
@@ -94,24 +122,6 @@ def wait_for_round(
     raise TimeoutError(f"no peer reached round {at_least} within {deadline_s}s")
 
 
-def test_launch_runs_every_peer_to_the_last_round_and_writes_the_summary(tmp_path: Path) -> None:
-    config = write_config(tmp_path / "cluster.toml", ROUNDS)
-    out = tmp_path / "run"
-    with launched(config, out) as proc:
-        output, _ = proc.communicate(timeout=DEADLINE_S)
-        logs = "\n".join(p.read_text()[-2000:] for p in sorted(out.glob("peer-*/stdout.txt")))
-        assert proc.returncode == 0, output.decode() + logs
-    data = results.read_summary(out)
-    assert data["source"] == "launch" and data["n_peers"] == N_PEERS
-    assert [p["final_round"] for p in data["peers"]] == [ROUNDS - 1] * N_PEERS
-    assert all(p["fingerprint"]["l2"] is not None for p in data["peers"])
-    assert data["average"]["validation_loss"] is not None and data["failed"] == []
-    for i in range(N_PEERS):
-        assert (out / f"peer-{i}" / "stdout.txt").is_file()
-    assert b"round" in output  # the --no-live progress lines
-    assert not any(alive(pid) for pid in recorded_pids(out))
-
-
 def test_sigint_stops_every_peer_and_still_writes_a_summary(tmp_path: Path) -> None:
     config = write_config(tmp_path / "cluster.toml", rounds=1_000_000)
     out = tmp_path / "run"
@@ -133,17 +143,17 @@ def test_sigint_stops_every_peer_and_still_writes_a_summary(tmp_path: Path) -> N
 
 
 def test_compose_file_has_one_service_per_peer_with_name_based_endpoints(tmp_path: Path) -> None:
-    source = write_config(tmp_path / "src.toml", ROUNDS)
+    source = write_config(tmp_path / "src.toml", ROUNDS, peers=4)
     out, cluster = compose.write_compose(
         source, tmp_path / "deploy" / "docker-compose.yml", mqtt=True, overrides=["algorithm.lr=0.05"]
     )
     text = out.read_text()
     doc = json.loads(text.split("\n", 1)[1])  # after the YAML comment line
     peers = {name: svc for name, svc in doc["services"].items() if name.startswith("peer-")}
-    assert sorted(peers) == [f"peer-{i}" for i in range(N_PEERS)]
+    assert sorted(peers) == [f"peer-{i}" for i in range(4)]
     assert "mosquitto" in doc["services"]
     assert doc["services"]["peer-0"]["build"]["dockerfile"] == "docker/Dockerfile"
-    for i in range(N_PEERS):
+    for i in range(4):
         svc = peers[f"peer-{i}"]
         assert svc["command"][:6] == ["demuon", "run", "--config", "/config/cluster.toml", "--peer", str(i)]
         env = svc["environment"]
@@ -181,19 +191,73 @@ async def test_an_mqtt_stop_ends_every_launched_peer_cleanly(tmp_path: Path) -> 
     assert [p["exit_code"] for p in data["peers"]] == [0] * N_PEERS
 
 
-def test_launch_and_simulate_on_the_oracle_file_write_the_same_fingerprints(tmp_path: Path) -> None:
-    """DESIGN §4's strongest check through the user-facing commands and the one result schema."""
-    oracle = Path(__file__).resolve().parents[2] / "configs" / "oracle-ring4.toml"
-    ports = free_ports(N_PEERS)
-    endpoints = ", ".join(f'{{id = {i}, endpoint = "tcp://127.0.0.1:{p}"}}' for i, p in enumerate(ports))
-    out = tmp_path / "launch"
-    with launched(oracle, out, [f"network.peers=[{endpoints}]"]) as proc:
+def test_launch_and_simulate_on_the_oracle_file_write_the_same_run_folder(tmp_path: Path) -> None:
+    """docs/design.md §4's strongest check through the user-facing commands and the one result
+    schema: the same files, the same keys, the same final parameters."""
+    out, sim, output = launch_and_simulate(tmp_path)
+    config = load_config(ORACLE)
+    last = config.rounds - 1
+    launched_summary, simulated_summary = results.read_summary(out), results.read_summary(sim)
+    assert launched_summary["source"] == "launch" and simulated_summary["source"] == "simulate"
+    assert set(launched_summary) == set(simulated_summary)
+    for summary in (launched_summary, simulated_summary):
+        assert summary["n_peers"] == config.peers and summary["failed"] == []
+        assert [p["id"] for p in summary["peers"]] == list(range(config.peers))
+        assert [p["final_round"] for p in summary["peers"]] == [last] * config.peers
+        assert all(p["status"] == "done" and p["from"] == "final" for p in summary["peers"])
+        assert summary["average"]["validation_loss"] is not None
+    for lp, sp in zip(launched_summary["peers"], simulated_summary["peers"], strict=True):
+        assert set(lp) == set(sp)
+        assert lp["fingerprint"] == sp["fingerprint"], lp["id"]
+    assert launched_summary["average"] == simulated_summary["average"]
+
+    launched_rows, simulated_rows = results.read_per_peer(out), results.read_per_peer(sim)
+    assert sorted(launched_rows) == sorted(simulated_rows) == list(range(config.peers))
+    for rows in (*launched_rows.values(), *simulated_rows.values()):
+        assert [r["round"] for r in rows] == list(range(config.rounds))  # every peer to the last round
+        assert {frozenset(r) for r in rows} == {frozenset(ROW_KEYS)}  # the same keys on both sides
+    for i in range(config.peers):
+        assert (out / f"peer-{i}" / "stdout.txt").is_file()
+    assert b"round" in output  # the --no-live progress lines
+
+
+def test_in_float64_and_under_a_fault_plan_launch_and_simulate_reach_the_same_parameters(
+    tmp_path: Path,
+) -> None:
+    """float64 everywhere, and a 10 % drop plan on every link given to both commands as
+    ``--faults FILE`` (a receiver does not wait for a message the plan drops, so the short phase
+    deadline is never met by a planned drop)."""
+    plan = tmp_path / "drop10.toml"
+    plan.write_text('seed = 7\n[[link]]\naction = "drop"\nprobability = 0.1\n')
+    sets = ["dtype=float64", "network.phase_timeout_s=2.0"]
+    out, sim, _ = launch_and_simulate(tmp_path, sets, "--faults", str(plan))
+    launched_summary, simulated_summary = results.read_summary(out), results.read_summary(sim)
+    assert launched_summary["dtype"] == simulated_summary["dtype"] == "float64"
+    fingerprints = [[p["fingerprint"] for p in s["peers"]] for s in (launched_summary, simulated_summary)]
+    assert fingerprints[0] == fingerprints[1]
+    assert launched_summary["faults"] == simulated_summary["faults"]
+    assert launched_summary["faults"]["injected"] > 0
+    assert launched_summary["tracking_drift"] == simulated_summary["tracking_drift"]
+
+
+def test_a_planned_crash_is_restarted_from_its_checkpoint_and_the_run_finishes(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "cluster.toml", rounds=14, peers=3)
+    plan = tmp_path / "crash.toml"
+    plan.write_text("[[peer]]\nid = 1\ncrash_at = 6\nrestart_after_s = 0.5\n")
+    # long deadlines: the survivors wait for peer 1 through its restart instead of running ahead
+    sets = ["checkpoint.every=2", "network.phase_timeout_s=15.0", "network.down_after_misses=3"]
+    out = tmp_path / "run"
+    with launched(config, out, sets, "--faults", str(plan)) as proc:
         output, _ = proc.communicate(timeout=DEADLINE_S)
         assert proc.returncode == 0, output.decode()
-    assert cli.main(["simulate", "--config", str(oracle), "--out", str(tmp_path / "sim")]) == 0
-    launched_summary = results.read_summary(out)
-    simulated_summary = results.read_summary(tmp_path / "sim")
-    assert [p["fingerprint"] for p in launched_summary["peers"]] == [
-        p["fingerprint"] for p in simulated_summary["peers"]
-    ]
-    assert launched_summary["average"] == simulated_summary["average"]
+    text = output.decode()
+    assert "peer 1 crashed at round 6" in text and "restarting peer 1" in text
+    data = results.read_summary(out)
+    assert [p["status"] for p in data["peers"]] == ["done"] * 3, data["peers"]
+    assert all(p["final_round"] == 13 for p in data["peers"])
+    log = (out / "peer-1" / "stdout.txt").read_text()
+    assert "resumed from" in log  # the second life of peer 1 started from its checkpoint
+    for i in (0, 2):  # the survivors never waited past a deadline for it
+        rows = results.read_metrics(out / f"peer-{i}" / "metrics.jsonl")
+        assert [r["round"] for r in rows] == list(range(14))
+        assert max(r["t_wait_max"] - r["deadline_s"] for r in rows[1:]) <= 1.0

@@ -12,7 +12,7 @@ import aiomqtt
 
 from demuon.config import TelemetryConfig
 from demuon.node.telemetry import Telemetry, parse_command
-from tests.integration.broker import DEADLINE_S, free_port, mosquitto, needs_broker
+from tests.support.broker import DEADLINE_S, free_port, mosquitto, needs_broker
 
 PREFIX = "demuon-test"
 

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from demuon import cli, results
+from demuon import results
+from demuon.app import cli
 from demuon.config import load_config
 from demuon.errors import ConfigError
+from demuon.node.rounds import ROW_KEYS
 
 TINY = """
 peers = 4
@@ -76,22 +78,27 @@ def test_a_missing_config_file_is_named(tmp_path: Path) -> None:
     assert "nope.toml" in str(err.value)
 
 
-def test_simulate_writes_metrics_summary_and_plot_for_each_algorithm(tiny: Path, tmp_path: Path) -> None:
+def test_simulate_writes_a_run_folder_and_a_plot_for_each_algorithm(tiny: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     code = cli.main(["simulate", "--config", str(tiny), "--algorithms", "demuon,dsgd", "--out", str(out)])
     assert code == 0
     for name in ("demuon", "dsgd"):
-        rows = results.read_metrics(out / name / "metrics.jsonl")
-        assert [r["round"] for r in rows] == list(range(6))
-        assert rows[-1]["val_loss"] is not None
-        summary = results.read_summary(out / name)
-        assert summary["algorithm"] == name
+        run = out / name
+        per_peer = results.read_per_peer(run)
+        assert sorted(per_peer) == [0, 1, 2, 3]
+        for rows in per_peer.values():  # the daemon's row keys, one row per round
+            assert [r["round"] for r in rows] == list(range(6))
+            assert all(set(r) == set(ROW_KEYS) for r in rows)
+        cluster = results.read_cluster(run)
+        assert [r["round"] for r in cluster] == list(range(6))
+        assert cluster[-1]["val_loss"] is not None
+        summary = results.read_summary(run)
+        assert summary["algorithm"] == name and summary["source"] == "simulate"
         assert [p["id"] for p in summary["peers"]] == [0, 1, 2, 3]
         assert all(p["final_round"] == 5 for p in summary["peers"])
         assert set(summary["peers"][0]["fingerprint"]) == {"sum", "l2"}
     assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    dsgd_rows = results.read_metrics(out / "dsgd" / "metrics.jsonl")
-    assert all(r["tracking_gap"] is None for r in dsgd_rows)
+    assert all(r["tracking_gap"] is None for r in results.read_cluster(out / "dsgd"))
     assert json.loads((out / "demuon" / "summary.json").read_text())["schema"] == results.SCHEMA
 
 
@@ -111,7 +118,7 @@ def test_a_section_or_list_comes_from_the_environment_as_json(tiny: Path) -> Non
 
 
 def test_the_compose_environment_reads_back_as_the_same_settings(tiny: Path) -> None:
-    from demuon import compose
+    from demuon.app import compose
 
     config = load_config(tiny, environ={})
     env = compose.compose_document(config, overrides=["gossip.codec={kind='natural'}", "algorithm.lr=0.3"])[

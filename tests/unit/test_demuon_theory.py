@@ -1,7 +1,7 @@
-"""DeMuon's theory on stacked float64 peers (ALGORITHMS.md §1.4, §7 items 13–15), the heterogeneity
+"""DeMuon's theory on stacked float64 peers (docs/algorithms.md §2.3, §9 items 13–15), the heterogeneity
 floor of DSGD, and the per-peer building blocks held equal to the stacked oracle ``reference_round``.
 
-Mixing matrices are built here from the numbers of ALGORITHMS.md §6/§7 (circulants), not from
+Mixing matrices are built here from the numbers of docs/algorithms.md §4 and §9 (circulants), not from
 ``demuon.topology``, so these tests check the optimizer alone.
 """
 
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from demuon.config import ConstantSchedule, LinearSchedule
-from demuon.node import optim
+from demuon.node import algorithms, optim
 
 N, ROWS, COLS = 8, 6, 4
 F64 = torch.float64
@@ -30,20 +30,21 @@ def circulant(weights: dict[int, float]) -> torch.Tensor:
     return W
 
 
-RING = circulant({-1: 1 / 3, 0: 1 / 3, 1: 1 / 3})  # Metropolis ring, §6
-DIRECTED_EXP = circulant({0: 0.4, 1: 0.2, 2: 0.2, 4: 0.2})  # DeMuon code's graph, §7 item 10
+RING = circulant({-1: 1 / 3, 0: 1 / 3, 1: 1 / 3})  # Metropolis ring, docs/algorithms.md §4
+# DeMuon code's graph, docs/algorithms.md §9 item 10
+DIRECTED_EXP = circulant({0: 0.4, 1: 0.2, 2: 0.2, 4: 0.2})
 COMPLETE = torch.full((N, N), 1 / N, dtype=F64)
 GRAPHS = {"ring": (RING, 0.80474), "directed_exp": (DIRECTED_EXP, 0.6), "complete": (COMPLETE, 0.0)}
 
 
 def lam(W: torch.Tensor) -> float:
-    return torch.linalg.matrix_norm(W - torch.full_like(W, 1 / N), ord=2).item()
+    return float(torch.linalg.matrix_norm(W - torch.full_like(W, 1 / N), ord=2))
 
 
 def consensus_error(X: Stack) -> float:
     """Spectral norm of the stacked (N·m)×n matrix X − 1⊗X̄ (Lemma 1's norm)."""
     E = X - X.mean(dim=0, keepdim=True)
-    return torch.linalg.matrix_norm(E.reshape(-1, X.shape[-1]), ord=2).item()
+    return float(torch.linalg.matrix_norm(E.reshape(-1, X.shape[-1]), ord=2))
 
 
 def student_t(shape: tuple[int, ...], df: float = 1.5) -> torch.Tensor:
@@ -61,7 +62,9 @@ def noisy_quadratic() -> Callable[[Stack], Stack]:
     return lambda X: X - B + student_t(tuple(X.shape))
 
 
-def ns5_round(W: torch.Tensor, X: Stack, M: Stack, V: Stack, G: Stack, lr: float, theta: float) -> tuple:
+def ns5_round(
+    W: torch.Tensor, X: Stack, M: Stack, V: Stack, G: Stack, lr: float, theta: float
+) -> tuple[Stack, Stack, Stack]:
     """DeMuon with NS5 (fp32) in place of the exact polar factor, stacked."""
     M_new = optim.momentum_update(M, G, theta)
     V_new = torch.einsum("ij,jmn->imn", W, optim.tracker_message(V, M_new, M))
@@ -79,7 +82,8 @@ def test_mixing_matrices_have_the_documented_lambda_and_bound(graph: str) -> Non
         W.sum(1), torch.ones(N, dtype=F64)
     )
     assert lam(W) == pytest.approx(expected, abs=1e-5)
-    bound_per_eta = math.sqrt(N) * lam(W) / (1 - lam(W))  # §7 item 13 (ring: 11.657, quoted as 11.65)
+    # docs/algorithms.md §9 item 13 (ring: 11.657, quoted as 11.65)
+    bound_per_eta = math.sqrt(N) * lam(W) / (1 - lam(W))
     assert bound_per_eta == pytest.approx(
         {"ring": 11.65, "directed_exp": 4.243, "complete": 0.0}[graph], abs=1e-2
     )
@@ -98,7 +102,7 @@ def test_consensus_error_stays_below_lemma_1_under_heavy_tailed_noise(graph: str
         if ns5:
             X, M, V = ns5_round(W, X, M, V, grad(X), lr, theta)
         else:
-            X, M, V = optim.reference_round("demuon", W, X, M, V, grad(X), k, lr=lr, theta=theta)
+            X, M, V = algorithms.reference_round("demuon", W, X, M, V, grad(X), k, lr=lr, theta=theta)
         worst = max(worst, consensus_error(X))
     assert worst <= bound + 1e-12
     if graph != "complete":
@@ -113,7 +117,7 @@ def test_tracker_sum_equals_momentum_sum_for_200_iterations(algorithm: str) -> N
     grad = noisy_quadratic()
     X, M, V = zeros(), zeros(), zeros()
     for k in range(200):
-        X, M, V = optim.reference_round(algorithm, DIRECTED_EXP, X, M, V, grad(X), k, lr=0.02, theta=0.2)
+        X, M, V = algorithms.reference_round(algorithm, DIRECTED_EXP, X, M, V, grad(X), k, lr=0.02, theta=0.2)
         gap = (V.sum(0) - M.sum(0)).abs().max().item()
         assert gap <= 1e-10 * (1.0 + M.abs().sum().item())
 
@@ -129,7 +133,7 @@ def test_complete_graph_demuon_is_centralised_muon_on_the_averaged_momentum() ->
     lr, theta = 0.05, 0.3
     for k in range(50):
         G = grad(X)
-        X, M, V = optim.reference_round("demuon", COMPLETE, X, M, V, G, k, lr=lr, theta=theta)
+        X, M, V = algorithms.reference_round("demuon", COMPLETE, X, M, V, G, k, lr=lr, theta=theta)
         M_c = (1 - theta) * M_c + theta * G.mean(0)
         X_c = X_c - lr * optim.polar_svd(M_c)
         assert torch.allclose(X, X_c.expand(N, -1, -1), atol=1e-10)
@@ -148,8 +152,10 @@ def heterogeneous_run(algorithm: str, lr: float, rounds: int, schedule: object) 
     X, M, V = zeros(), zeros(), zeros()
     for k in range(rounds):
         eta = optim.learning_rate(schedule, lr, k, rounds)  # type: ignore[arg-type]
-        X, M, V = optim.reference_round(algorithm, RING, X, M, V, CURVATURE * (X - B), k, lr=eta, theta=0.2)
-    return torch.linalg.norm((CURVATURE * (X.mean(0) - B)).mean(0)).item()
+        X, M, V = algorithms.reference_round(
+            algorithm, RING, X, M, V, CURVATURE * (X - B), k, lr=eta, theta=0.2
+        )
+    return float(torch.linalg.norm((CURVATURE * (X.mean(0) - B)).mean(0)))
 
 
 def test_dsgd_stalls_at_a_heterogeneity_floor_that_tracking_methods_go_below() -> None:
@@ -166,30 +172,37 @@ def test_dsgd_stalls_at_a_heterogeneity_floor_that_tracking_methods_go_below() -
 
 
 def peer_round(
-    algorithm: str, W: torch.Tensor, state: list[dict[str, dict]], grads: list, k: int, lr: float
+    algorithm: str,
+    W: torch.Tensor,
+    state: list[dict[str, dict[str, torch.Tensor]]],
+    grads: list[torch.Tensor],
+    k: int,
+    lr: float,
 ) -> None:
     """One round as N independent peers would run it: local messages, then mixes in fixed order."""
 
-    def neighbourhood(i: int, key: str, values: list[dict]) -> list[tuple[float, torch.Tensor]]:
+    def neighbourhood(
+        i: int, key: str, values: list[dict[str, torch.Tensor]]
+    ) -> list[tuple[float, torch.Tensor]]:
         others = [(W[i, j].item(), values[j][key]) for j in range(N) if j != i and W[i, j] > 0]
         return [(W[i, i].item(), values[i][key]), *others]
 
-    if "V" in optim.phases(algorithm):
+    if "V" in algorithms.phases(algorithm):
         msgs = []
         for s, G in zip(state, grads, strict=True):
-            s["M"], U = optim.local_tracker_update(algorithm, s["M"], s["V"], {"w": G}, 0.2)
+            s["M"], U = algorithms.local_tracker_update(algorithm, s["M"], s["V"], {"w": G}, 0.2)
             msgs.append(U)
         for i, s in enumerate(state):
             s["V"] = {"w": optim.mix(neighbourhood(i, "w", msgs))}
     Ys = [
-        optim.local_step(algorithm, s["X"], s["V"], {"w": G}, lr, k, routes={"w": "polar_svd"})
+        algorithms.local_step(algorithm, s["X"], s["V"], {"w": G}, lr, k, routes={"w": "polar_svd"})
         for s, G in zip(state, grads, strict=True)
     ]
     for i, s in enumerate(state):
         s["X"] = {"w": optim.mix(neighbourhood(i, "w", Ys))}
 
 
-@pytest.mark.parametrize("algorithm", optim.ALGORITHMS)
+@pytest.mark.parametrize("algorithm", algorithms.NAMES)
 def test_peers_built_from_the_blocks_match_the_stacked_oracle(algorithm: str) -> None:
     B = 3.0 * torch.randn(N, ROWS, COLS, dtype=F64)
     X, M, V = torch.randn(1, ROWS, COLS, dtype=F64).expand(N, -1, -1).clone(), zeros(), zeros()
@@ -198,7 +211,7 @@ def test_peers_built_from_the_blocks_match_the_stacked_oracle(algorithm: str) ->
     for k in range(rounds):
         noise = student_t((N, ROWS, COLS), df=2.5)
         lr = optim.learning_rate(LinearSchedule(), 0.1, k, rounds)
-        X, M, V = optim.reference_round(
+        X, M, V = algorithms.reference_round(
             algorithm, DIRECTED_EXP, X, M, V, CURVATURE * (X - B) + noise, k, lr=lr, theta=0.2
         )
         peer_X = torch.stack([s["X"]["w"] for s in state])

@@ -8,12 +8,13 @@ from contextlib import asynccontextmanager
 
 import torch
 
-from demuon import simulate
+from demuon.app import simulate
+from demuon.app.peers import build_peers
 from demuon.config import Config, config_from_dict
-from demuon.node.gossip import AHEAD_WINDOW, ExchangeStats, Gossip, Inbound, Liveness, Mailbox, Outcome
+from demuon.node.gossip import AHEAD_WINDOW, Gossip, Inbound, Liveness, Mailbox, Outcome
 from demuon.node.peer import Peer
+from demuon.node.rounds import ExchangeStats
 from demuon.transport.inproc import InprocHub, InprocTransport
-from demuon.workloads import make_workload
 
 # ------------------------------------------------------------------------------ mailbox
 
@@ -91,8 +92,7 @@ def ring3(**network: object) -> Config:
 
 
 def build(config: Config) -> list[Peer]:
-    workload = make_workload(config.workload, seed=config.seed, device=torch.device("cpu"))
-    return simulate.build_peers(config, workload, torch.device("cpu"))
+    return build_peers(config)[0]
 
 
 async def pump(gossip: Gossip) -> None:
@@ -108,7 +108,7 @@ async def cluster(config: Config, running: list[int]) -> AsyncIterator[dict[int,
     peers = build(config)
     gossips: dict[int, Gossip] = {}
     for i in running:
-        g = Gossip(peers[i], config)
+        g = Gossip(peers[i], config.network, n_peers=config.peers, rounds=config.rounds, start_round=0)
         g.transport = InprocTransport[Inbound](i, hub, g.decode)
         await g.transport.start()
         gossips[i] = g
@@ -133,9 +133,9 @@ async def one_phase(
     if phase == g.peer.phases[0]:
         g.peer.gradient(k)
     out = g.peer.message(phase, k)
-    received, _, stats = await g.exchange(k, phase, out)
-    g.peer.mix(phase, k, received)
-    return received, stats
+    delivery = await g.exchange(k, phase, out)
+    g.peer.mix(phase, k, delivery.received)
+    return delivery.received, delivery.stats
 
 
 async def test_every_neighbour_receives_exactly_what_the_simulator_would_deliver() -> None:

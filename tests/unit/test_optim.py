@@ -1,4 +1,5 @@
-"""The building blocks of demuon.node.optim: routing, directions, schedules, clipping, mixing."""
+"""The building blocks of demuon.node.optim (routing, directions, schedules, clipping, mixing) and
+the per-algorithm dispatch of demuon.node.algorithms."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from demuon.config import (
     LinearSchedule,
     RoutingConfig,
 )
-from demuon.node import optim
+from demuon.node import algorithms, optim
 from demuon.node.newton_schulz import column_normalize, row_normalize
 
 
@@ -97,7 +98,7 @@ def test_unknown_route_and_unknown_algorithm_are_rejected() -> None:
     with pytest.raises(ValueError, match="route"):
         optim.orthogonalize(torch.ones(3), "adamw")
     with pytest.raises(ValueError, match="algorithm"):
-        optim.phases("adam")
+        algorithms.get("adam")
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -198,19 +199,24 @@ def test_demuon_and_dsgd_steps_move_against_the_direction() -> None:
 
 
 def test_phases_are_v_then_x_for_tracking_methods_and_x_for_dsgd() -> None:
-    assert optim.phases("demuon") == optim.phases("gt_dsgd") == optim.phases("gt_nsgdm") == ("V", "X")
-    assert optim.phases("dsgd") == optim.phases("dsgd_clip") == ("X",)
+    assert (
+        algorithms.phases("demuon")
+        == algorithms.phases("gt_dsgd")
+        == algorithms.phases("gt_nsgdm")
+        == ("V", "X")
+    )
+    assert algorithms.phases("dsgd") == algorithms.phases("dsgd_clip") == ("X",)
 
 
 def test_tracker_update_of_gt_dsgd_keeps_the_gradient_as_m() -> None:
     M, V, G = dict_of(w=torch.ones(2)), dict_of(w=torch.full((2,), 5.0)), dict_of(w=torch.full((2,), 3.0))
-    M_new, U = optim.local_tracker_update("gt_dsgd", M, V, G, theta=0.2)
+    M_new, U = algorithms.local_tracker_update("gt_dsgd", M, V, G, theta=0.2)
     assert torch.equal(M_new["w"], G["w"]) and M_new["w"] is not G["w"]
     assert torch.equal(U["w"], torch.full((2,), 7.0))
-    M_new, U = optim.local_tracker_update("demuon", M, V, G, theta=0.5)
+    M_new, U = algorithms.local_tracker_update("demuon", M, V, G, theta=0.5)
     assert torch.allclose(M_new["w"], torch.full((2,), 2.0)) and torch.allclose(U["w"], torch.full((2,), 6.0))
     with pytest.raises(ValueError, match="no tracker"):
-        optim.local_tracker_update("dsgd", M, V, G, theta=0.2)
+        algorithms.local_tracker_update("dsgd", M, V, G, theta=0.2)
 
 
 def test_local_step_dispatches_each_algorithm_to_its_direction() -> None:
@@ -218,17 +224,17 @@ def test_local_step_dispatches_each_algorithm_to_its_direction() -> None:
     V = dict_of(w=torch.randn(4, 3, dtype=torch.float64), b=torch.randn(3, dtype=torch.float64))
     G = dict_of(w=30 * torch.randn(4, 3, dtype=torch.float64), b=torch.randn(3, dtype=torch.float64))
     routes = {"w": "polar_svd", "b": "normalize"}
-    Y = optim.local_step("demuon", X, V, None, 0.5, 0, routes=routes)
+    Y = algorithms.local_step("demuon", X, V, None, 0.5, 0, routes=routes)
     assert torch.allclose(Y["w"], -0.5 * optim.polar_svd(V["w"]))
     assert torch.allclose(Y["b"], -0.5 * V["b"] / V["b"].norm())
-    assert torch.allclose(optim.local_step("gt_dsgd", X, V, None, 0.5, 0)["w"], -0.5 * V["w"])
-    assert torch.allclose(optim.local_step("dsgd", X, None, G, 0.5, 0)["b"], -0.5 * G["b"])
+    assert torch.allclose(algorithms.local_step("gt_dsgd", X, V, None, 0.5, 0)["w"], -0.5 * V["w"])
+    assert torch.allclose(algorithms.local_step("dsgd", X, None, G, 0.5, 0)["b"], -0.5 * G["b"])
     joint = math.sqrt(sum(float(v.pow(2).sum()) for v in V.values()))
-    assert torch.allclose(optim.local_step("gt_nsgdm", X, V, None, 1.0, 0)["w"], -V["w"] / joint)
-    clipped = optim.local_step("dsgd_clip", X, None, G, 1.0, 32, clip_scale=0.1, clip_power=0.4)
+    assert torch.allclose(algorithms.local_step("gt_nsgdm", X, V, None, 1.0, 0)["w"], -V["w"] / joint)
+    clipped = algorithms.local_step("dsgd_clip", X, None, G, 1.0, 32, clip_scale=0.1, clip_power=0.4)
     assert optim.global_norm(clipped).item() == pytest.approx(0.1 * 32**0.4)
     with pytest.raises(ValueError, match="needs G"):
-        optim.local_step("dsgd", X, V, None, 0.5, 0)
+        algorithms.local_step("dsgd", X, V, None, 0.5, 0)
 
 
 def test_demuon_local_step_routes_unlisted_tensors_by_the_default_table() -> None:

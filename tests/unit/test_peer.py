@@ -1,17 +1,18 @@
 """The per-peer fast path (Peer + simulator) against the stacked float64 oracle, and C-DeMuon's
-replica properties (ALGORITHMS.md §3.3, §7 items 16–17)."""
+replica properties (docs/algorithms.md §6, §9 items 16–17)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from demuon import simulate
+from demuon.app import simulate
+from demuon.app.peers import build_peers
 from demuon.config import Config, config_from_dict
-from demuon.node import optim
+from demuon.node import algorithms
+from demuon.node.observe import tracking_gap
 from demuon.node.peer import Peer
 from demuon.topology import mixing_matrix_from_config
-from demuon.workloads import make_workload
 
 
 def quadratic_config(algorithm: str, **extra: object) -> Config:
@@ -34,8 +35,7 @@ def quadratic_config(algorithm: str, **extra: object) -> Config:
 
 
 def build(config: Config) -> list[Peer]:
-    workload = make_workload(config.workload, seed=config.seed, device=torch.device("cpu"))
-    return simulate.build_peers(config, workload, torch.device("cpu"))
+    return build_peers(config.model_copy(update={"device": "cpu"}))[0]
 
 
 def stacked(peers: list[Peer], attr: str) -> torch.Tensor:
@@ -47,7 +47,7 @@ def stacked(peers: list[Peer], attr: str) -> torch.Tensor:
 
 def mix_phases(peers: list[Peer], k: int) -> None:
     for phase in peers[0].phases:
-        decoded = [p.decode(p.message(phase, k)) for p in peers]
+        decoded = [p.decode(p.message(phase, k), phase) for p in peers]
         for p in peers:
             p.mix(phase, k, {j: decoded[j] for j in p.expected_senders(k)})
 
@@ -62,7 +62,7 @@ def test_peer_fast_path_equals_the_float64_reference_round(algorithm: str) -> No
         for p in peers:
             p.gradient(k)
         G = stacked(peers, "G")
-        X, M, V = optim.reference_round(
+        X, M, V = algorithms.reference_round(
             algorithm, W, X, M, V, G, k, lr=peers[0].lr(k), theta=config.algorithm.theta
         )
         mix_phases(peers, k)
@@ -72,7 +72,8 @@ def test_peer_fast_path_equals_the_float64_reference_round(algorithm: str) -> No
 
 
 def test_identity_codec_with_replicas_reproduces_exact_demuon() -> None:
-    """§7 item 16: Option A with the identity compressor and γ = 1 is DeMuon (to rounding)."""
+    """docs/algorithms.md §9 item 16: Option A with the identity compressor and γ = 1 is DeMuon (to
+    rounding)."""
     exact = quadratic_config("demuon")
     peers_exact = build(exact)
     peers_choco = build(exact)
@@ -91,12 +92,12 @@ def test_identity_codec_with_replicas_reproduces_exact_demuon() -> None:
     "codec", [{"kind": "topk", "ratio": 0.2}, {"kind": "natural"}, {"kind": "rankk", "rank": 1}]
 )
 def test_compressed_gossip_keeps_mean_tracker_equal_to_mean_momentum(codec: dict[str, object]) -> None:
-    """§7 item 17: with any compressor, mean_i V_i = mean_i M_i at every round."""
+    """docs/algorithms.md §9 item 17: with any compressor, mean_i V_i = mean_i M_i at every round."""
     config = quadratic_config("demuon", gossip={"codec": codec, "gamma": 0.2}, rounds=30)
     peers = build(config)
     for k in range(config.rounds):
         simulate.simulate_round(peers, k)
-        gap = simulate.tracking_gap(peers)
+        gap = tracking_gap(peers)
         assert gap is not None and gap < 1e-10
 
 
@@ -113,7 +114,7 @@ def test_missing_neighbour_gives_its_weight_to_self() -> None:
     p = peers[0]
     p.gradient(0)
     before = {n: t.clone() for n, t in p.X().items()}
-    Y = p.decode(p.message("X", 0))
+    Y = p.decode(p.message("X", 0), "X")
     report = p.mix("X", 0, {})  # nobody arrived
     assert report.missing == (1, 3)
     for n in p.names:
@@ -132,7 +133,7 @@ def test_keyframe_resynchronises_a_stale_replica() -> None:
             for p in peers:
                 # peer 0 misses peer 1's messages in round 1 only
                 got = {
-                    j: p.decode(out[j], keyframe=k == 2)
+                    j: p.decode(out[j], phase, keyframe=k == 2)
                     for j in p.expected_senders(k)
                     if not (p.index == 0 and j == 1 and k == 1)
                 }

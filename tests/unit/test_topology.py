@@ -1,9 +1,11 @@
-"""Mixing matrices: the facts of ALGORITHMS.md §6–7, validation errors, config and peer views."""
+"""Mixing matrices: the facts of docs/algorithms.md §4 and §9, validation errors, config and peer
+views."""
 
 from __future__ import annotations
 
 import math
 import typing
+from pathlib import Path
 
 import pytest
 import torch
@@ -35,7 +37,7 @@ def _doubly_stochastic(W: torch.Tensor) -> bool:
     return bool((W >= 0).all() and torch.allclose(W @ ones, ones) and torch.allclose(W.T @ ones, ones))
 
 
-# ------------------------------------------------------------------ ALGORITHMS.md §7, items 9–12
+# -------------------------------------------------------------- docs/algorithms.md §9 items 9–12
 
 
 @pytest.mark.parametrize(("n", "lam"), [(8, 0.80474), (16, 0.94925), (32, 0.98719)])
@@ -166,7 +168,9 @@ def _options(name: str, tmp_path_file: str) -> dict[str, object]:
 
 @pytest.mark.parametrize("name", TOPOLOGY_NAMES)
 @pytest.mark.parametrize("n", [1, 2, 5, 8, 16])
-def test_every_named_topology_is_doubly_stochastic_for_several_sizes(name: str, n: int, tmp_path) -> None:
+def test_every_named_topology_is_doubly_stochastic_for_several_sizes(
+    name: str, n: int, tmp_path: Path
+) -> None:
     if name == "hypercube" and n & (n - 1):
         with pytest.raises(TopologyError, match="power of two"):
             mixing_matrix(name, n)
@@ -193,7 +197,7 @@ def test_topology_names_are_exactly_the_ones_the_config_accepts() -> None:
     assert set(TOPOLOGY_NAMES) == set(typing.get_args(TopologyName))
 
 
-def test_n_equal_one_is_the_one_by_one_identity_everywhere_it_makes_sense(tmp_path) -> None:
+def test_n_equal_one_is_the_one_by_one_identity_everywhere_it_makes_sense(tmp_path: Path) -> None:
     empty = tmp_path / "empty.txt"
     empty.write_text("# no edges\n")
     for name in TOPOLOGY_NAMES:
@@ -260,7 +264,7 @@ def test_weight_on_a_pair_that_is_not_an_edge_is_named() -> None:
 
 
 def test_a_disconnected_matrix_is_refused_as_not_mixing() -> None:
-    W = torch.block_diag(*[torch.full((2, 2), 0.5, dtype=torch.float64)] * 2)
+    W = torch.kron(torch.eye(2, dtype=torch.float64), torch.full((2, 2), 0.5, dtype=torch.float64))
     err = _problem(W)
     assert err.problem == "not_mixing" and err.value == pytest.approx(1.0)
 

@@ -14,7 +14,10 @@ from hypothesis import strategies as st
 from demuon.errors import WireFormatError
 from demuon.transport import wire
 from demuon.transport.codecs import Cast, Codec, Identity, Int8, Natural, TopK
-from tests.unit.test_wire import SHAPES, context, copies, digest, encoded, frames_of, rewrite
+from tests.support.wire import SHAPES, context, copies, digest, encoded, frames_of, rewrite
+
+# ---------------------------------------------------------------------------------- the fuzzing
+
 
 FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SCALARS = (

@@ -182,7 +182,7 @@ def test_a_few_sgd_steps_reduce_the_loss(kind: str, corpus_file: Path) -> None:
     before = w.validation_loss(model)
     for k in range(30):
         optimiser.zero_grad()
-        w.loss(model, w.train_batch(k % 2, 2, k)).backward()
+        torch.autograd.backward(w.loss(model, w.train_batch(k % 2, 2, k)))
         optimiser.step()
     assert w.validation_loss(model) < 0.9 * before
 
