@@ -31,8 +31,10 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
+# Two pytest workers: the multi-process tests mostly wait (process start, deadlines) while the
+# other worker runs unit tests. Tests marked slow run sequentially in `make test-slow`.
 test: $(STAMP) broker lint typecheck
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider -n 2
 
 test-slow: $(STAMP) broker
 	$(PY) -m pytest -q -p no:cacheprovider -m slow

@@ -56,6 +56,19 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def _launch_options(la: argparse.ArgumentParser) -> None:
+    la.add_argument("--config", type=Path, required=True, help="cluster TOML file")
+    la.add_argument("--out", type=Path, required=True, help="folder for peer-<i>/ and summary.json")
+    _set(la, "a setting of every peer")
+    _faults(la)
+    la.add_argument("--no-live", action="store_true", help="print a line every --every rounds, no live table")
+    la.add_argument("--every", type=int, default=10, help="rounds between lines with --no-live")
+    la.add_argument(
+        "--grace", type=float, help="seconds between SIGTERM and SIGKILL (default: 2 deadlines + 5)"
+    )
+    la.add_argument("--timeout", type=float, help="stop the peers after this many seconds (default: none)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt: Any = _Formatter
     p = argparse.ArgumentParser(
@@ -90,17 +103,19 @@ def build_parser() -> argparse.ArgumentParser:
     la = sub.add_parser(
         "launch", help="run every peer of a cluster file on this machine", formatter_class=fmt
     )
-    la.add_argument("--config", type=Path, required=True, help="cluster TOML file")
-    la.add_argument("--out", type=Path, required=True, help="folder for peer-<i>/ and summary.json")
-    _set(la, "a setting of every peer")
-    _faults(la)
-    la.add_argument("--no-live", action="store_true", help="print a line every --every rounds, no live table")
-    la.add_argument("--every", type=int, default=10, help="rounds between lines with --no-live")
-    la.add_argument(
-        "--grace", type=float, help="seconds between SIGTERM and SIGKILL (default: 2 deadlines + 5)"
-    )
-    la.add_argument("--timeout", type=float, help="stop the peers after this many seconds (default: none)")
+    _launch_options(la)
     la.set_defaults(func=_lazy("launch", "cmd_launch"))
+
+    nl = sub.add_parser(
+        "netlab", help="launch with every peer in its own network namespace (root)", formatter_class=fmt
+    )
+    _launch_options(nl)
+    nl.add_argument("--cut", action="append", default=[], metavar="PEER@ROUND+SECONDS", help="unplug a link")
+    nl.add_argument("--rate", action="append", default=[], metavar="PEER=RATE", help="tc tbf, e.g. 2=16kbit")
+    nl.add_argument(
+        "--loss", action="append", default=[], metavar="PEER=PERCENT", help="iptables random drop"
+    )
+    nl.set_defaults(func=_lazy("netlab", "cmd_netlab"))
 
     rp = sub.add_parser("report", help="table and plots of a launch/simulate folder", formatter_class=fmt)
     rp.add_argument("dir", type=Path, help="output folder of `demuon launch` or `demuon simulate`")

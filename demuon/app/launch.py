@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from rich.console import Console
 from rich.live import Live
@@ -154,12 +154,19 @@ def peer_argv(config_path: Path, peer: int, out: Path, overrides: Sequence[str],
     return argv
 
 
-def spawn(config_path: Path, peer: int, out: Path, overrides: Sequence[str], *extra: str) -> PeerProcess:
+def spawn(
+    config_path: Path,
+    peer: int,
+    out: Path,
+    overrides: Sequence[str],
+    *extra: str,
+    prefix: Sequence[str] = (),  # what runs the peer's command (e.g. ``ip netns exec NS``)
+) -> PeerProcess:
     out.mkdir(parents=True, exist_ok=True)
     log = (out / "stdout.txt").open("ab")
     try:
         proc = subprocess.Popen(
-            peer_argv(config_path, peer, out, overrides, *extra),
+            [*prefix, *peer_argv(config_path, peer, out, overrides, *extra)],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -239,6 +246,17 @@ class Stopper:
         self.wake.set()
 
 
+class Events(Protocol):
+    """Something the watch loop drives between refreshes (planned crashes, link faults, ...)."""
+
+    @property
+    def waiting(self) -> bool:
+        """Work is still to come after every peer has exited (keep watching)."""
+        ...
+
+    def step(self, peers: Sequence[PeerProcess]) -> None: ...
+
+
 class PlannedCrashes:
     """The fault plan's ``[[peer]] crash_at`` and ``restart_after_s``. The peer itself carries out
     the crash (it SIGKILLs itself as it starts round ``crash_at``, exactly, see
@@ -282,7 +300,7 @@ def watch(
     every: int,
     grace_s: float,
     timeout_s: float | None,
-    crashes: PlannedCrashes | None = None,
+    events: Sequence[Events] = (),
 ) -> bool:
     """Refresh until every peer has exited. Returns True if launch was interrupted."""
     start = time.monotonic()
@@ -300,9 +318,10 @@ def watch(
                 if lo + 1 >= next_line:
                     print(progress_line(peers, rounds), flush=True)
                     next_line = (lo + 1) // every * every + every
-            if crashes is not None and stop_at is None:
-                crashes.step(peers)
-            if all(p.proc.returncode is not None for p in peers) and not (crashes and crashes.waiting):
+            if stop_at is None:
+                for e in events:
+                    e.step(peers)
+            if all(p.proc.returncode is not None for p in peers) and not any(e.waiting for e in events):
                 break
             overdue = timeout_s is not None and time.monotonic() - start > timeout_s
             if (stopper.requests or overdue) and stop_at is None:
@@ -376,10 +395,17 @@ def check_peer_faults(config: Config) -> None:
             )
 
 
-def cmd_launch(args: argparse.Namespace) -> int:
-    config_path = Path(args.config).resolve()
-    config = load_config(config_path, args.set, faults=args.faults)
-    check_peer_faults(config)
+def run_cluster(
+    args: argparse.Namespace,
+    config_path: Path,
+    config: Config,
+    overrides: Sequence[str],
+    *,
+    prefix: Callable[[int], Sequence[str]] = lambda i: (),
+    events: Sequence[Events] = (),
+) -> int:
+    """Spawn, watch and summarise every peer of ``config`` (``demuon launch`` and ``demuon
+    netlab``); ``prefix(i)`` runs peer i's command, ``events`` are driven while it runs."""
     extra = ("--faults", str(Path(args.faults).resolve())) if args.faults else ()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -388,16 +414,19 @@ def cmd_launch(args: argparse.Namespace) -> int:
     interrupted = False
     try:
         for i in range(config.peers):
-            peers.append(spawn(config_path, i, results.peer_folder(out, i), args.set, *extra))
+            peers.append(
+                spawn(config_path, i, results.peer_folder(out, i), overrides, *extra, prefix=prefix(i))
+            )
 
         def restart(p: PeerProcess) -> None:
-            again = spawn(config_path, p.id, p.out, args.set, *extra, "--resume")
+            again = spawn(config_path, p.id, p.out, overrides, *extra, "--resume", prefix=prefix(p.id))
             p.log.close()
             p.proc, p.log, p.crashed, p.restarts = again.proc, again.log, False, p.restarts + 1
 
         pids = [{"id": p.id, "pid": p.proc.pid, "argv": p.proc.args} for p in peers]
         atomic_write_bytes(out / "peers.json", json.dumps({"peers": pids}, indent=1).encode())
         console.print(f"launched {config.peers} peers ({config.topology.name}); output in {out}/peer-<i>/")
+        crashes = [PlannedCrashes(config.faults.peer, restart)] if config.faults.peer else []
         interrupted = watch(
             peers,
             config.rounds,
@@ -405,7 +434,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
             every=args.every,
             grace_s=stop_grace(config) if args.grace is None else args.grace,
             timeout_s=args.timeout,
-            crashes=PlannedCrashes(config.faults.peer, restart) if config.faults.peer else None,
+            events=[*crashes, *events],
         )
     finally:
         reap(peers)
@@ -423,3 +452,10 @@ def cmd_launch(args: argparse.Namespace) -> int:
         console.print(f"[red]failed:[/red] {names}")
         return 1
     return 130 if interrupted else 0
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    config_path = Path(args.config).resolve()
+    config = load_config(config_path, args.set, faults=args.faults)
+    check_peer_faults(config)
+    return run_cluster(args, config_path, config, args.set)

@@ -24,6 +24,7 @@ import torch
 
 from demuon import results
 from demuon.app.peers import build_peers
+from demuon.app.summary import config_fields
 from demuon.config import Config
 from demuon.node.exchange import ExactExchange
 from demuon.node.observe import (
@@ -150,12 +151,7 @@ def run(config: Config, *, out: Path | None = None, progress: ProgressHook | Non
             w.close()
     res.summary = results.summary(
         source="simulate",
-        algorithm=config.algorithm.name,
-        topology=config.topology.name,
-        codec=config.gossip.codec.kind,
-        lr=config.algorithm.lr,
-        dtype=config.dtype,
-        rounds=config.rounds,
+        **config_fields(config),
         peers=[results.peer_entry(p.index, p.round, p.last_loss, p.fingerprint()) for p in peers],
         validation_loss=res.cluster[-1]["val_loss"],
         averaged_peers=[p.index for p in peers],

@@ -21,6 +21,18 @@ from demuon import results
 from demuon.config import Config, math_fingerprint
 
 
+def config_fields(config: Config) -> dict[str, Any]:
+    """The settings every ``summary.json`` names (:func:`demuon.results.summary`)."""
+    return {
+        "algorithm": config.algorithm.name,
+        "topology": config.topology.name,
+        "codec": config.gossip.codec.kind,
+        "lr": config.algorithm.lr,
+        "dtype": config.dtype,
+        "rounds": config.rounds,
+    }
+
+
 def _nan(value: Any) -> float:
     return float(value) if isinstance(value, int | float) else math.nan
 
@@ -106,12 +118,7 @@ def launch_summary(
         val = None
     return results.summary(
         source="launch",
-        algorithm=config.algorithm.name,
-        topology=config.topology.name,
-        codec=config.gossip.codec.kind,
-        lr=config.algorithm.lr,
-        dtype=config.dtype,
-        rounds=config.rounds,
+        **config_fields(config),
         peers=entries,
         validation_loss=val,
         averaged_peers=sorted(states),

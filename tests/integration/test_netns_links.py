@@ -19,7 +19,9 @@ import pytest
 from tests.support.cluster import RING, WAIT_TOLERANCE_S, Cluster, wait_for
 from tests.support.netns import Lan, lan, run_command
 
-pytestmark = pytest.mark.netns
+#: Slow (about 20 s together): `make test-slow` runs them; `make test` runs the netlab tool's own
+#: namespace test (tests/integration/test_netlab.py), which cuts and restores a link too.
+pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
 
 #: The port every peer binds, each on its own address in its own namespace.

@@ -52,7 +52,7 @@ def mix_phases(peers: list[Peer], k: int) -> None:
             p.mix(phase, k, {j: decoded[j] for j in p.expected_senders(k)})
 
 
-@pytest.mark.parametrize("algorithm", ["demuon", "dsgd", "gt_dsgd", "gt_nsgdm"])
+@pytest.mark.parametrize("algorithm", algorithms.NAMES)
 def test_peer_fast_path_equals_the_float64_reference_round(algorithm: str) -> None:
     config = quadratic_config(algorithm)
     peers = build(config)
