@@ -43,6 +43,7 @@ bench: $(STAMP)
 	$(PY) bench/algorithms.py
 	$(PY) bench/wire.py
 	$(PY) bench/cluster.py
+	$(PY) bench/faults.py
 
 clean:
 	rm -rf $(VENV) runs .mypy_cache .ruff_cache .pytest_cache
