@@ -197,6 +197,12 @@ class GossipConfig(Frozen):
         description="exact mode, phase V: running sums (a lost message's mass arrives with the next one) or "
         "the old policy (a missing neighbour's weight goes to self, and its mass is lost)",
     )
+    sums_down_after: int = Field(
+        default=1,
+        ge=1,
+        description="running sums: after this many tracker messages lost in a row from one neighbour, "
+        "its weight goes to self until it is heard again (then what that lent is taken back)",
+    )
 
 
 # ------------------------------------------------------------------------------------ faults

@@ -161,6 +161,7 @@ def checkpointed_drift(config: Config, directory: Path) -> float | None:
                 s.get("R_self", {}).get("V", {}),
                 copies,
                 config.gossip.gamma,
+                {int(j): b for j, b in s.get("B", {}).items()},
             )
         )
     return tracking_drift(states)

@@ -46,6 +46,7 @@ class TrackerState:
     R_self: Mapping[str, torch.Tensor] = field(default_factory=dict)  # compressed: Σ_t V̂^t, own
     R: Mapping[int, Mapping[str, torch.Tensor]] = field(default_factory=dict)  # ... of each copy
     gamma: float = 1.0
+    B: Mapping[int, Mapping[str, torch.Tensor]] = field(default_factory=dict)  # lent to self, by sender
 
     @classmethod
     def of(cls, peer: Peer, k: int) -> TrackerState:
@@ -59,6 +60,7 @@ class TrackerState:
             peer.R_self.get("V", {}),
             peer.R.get("V", {}),
             peer.gamma,
+            peer.B,
         )
 
 
@@ -79,6 +81,8 @@ def tracking_drift(states: Sequence[TrackerState]) -> float | None:
                 sender = by_index.get(j)
                 if sender is not None and sender.S and j in s.rho:
                     v = v + w * (sender.S[name].double().cpu() - s.rho[j][name].double().cpu()) / n
+                    if j in s.B:
+                        v = v - s.B[j][name].double().cpu() / n
                 elif sender is not None and sender.R_self and j in s.R:
                     owed = sender.R_self[name].double().cpu() - s.R[j][name].double().cpu()
                     v = v + s.gamma * w * owed / n
@@ -101,6 +105,8 @@ def in_flight(peers: Sequence[Peer], k: int) -> dict[str, torch.Tensor]:
             for n in total:
                 if p.running_sums:
                     total[n] += w * (sender.S[n].double().cpu() - p.rho[j][n].double().cpu())
+                    if j in p.B:  # what a presumed-gone sender's weight lent to self
+                        total[n] -= p.B[j][n].double().cpu()
                 elif p.replica_sums:  # compressed: the repair a keyframe will bring
                     mine = p.R["V"][j][n].double().cpu()
                     total[n] += p.gamma * w * (sender.R_self["V"][n].double().cpu() - mine)

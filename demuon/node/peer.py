@@ -185,6 +185,11 @@ class Peer:
             {j: self._zeros(SUM_DTYPE) for j in senders} if self.running_sums else {}
         )
         self.rho_round: dict[int, int] = {}
+        # A sender presumed gone (sums_down_after V messages lost in a row): its weight goes to self,
+        # and B_j (float64) is what that borrowed, taken back if it comes back.
+        self.sums_down_after = gossip.sums_down_after
+        self.v_misses: dict[int, int] = {}
+        self.B: dict[int, TensorDict] = {}
         # Compressed mode: R = Σ_t Ẑ^t of our own replica and of our copy of each in-neighbour's
         # (float64); a keyframe carries the sender's R so a receiver repairs the mass it missed.
         self.replica_sums = not self.exact and gossip.tracker == "running_sum" and len(self.views) == 1
@@ -361,18 +366,38 @@ class Peer:
     ) -> tuple[TensorDict, tuple[int, ...]]:
         """``V_i = w_ii U_i + Σ_j w_ij (S_j − ρ_j)`` over the senders that arrived, then ``ρ_j = S_j``.
         A missing sender contributes nothing now: its mass stays in flight (``S_j − ρ_j``) and
-        arrives with its next message that gets through. Each round's S_j is used once."""
+        arrives with its next message that gets through. Each round's S_j is used once.
+
+        A sender missing ``gossip.sums_down_after`` rounds in a row (default 1: at once) lends its
+        weight to self (``w_ij U_i``, so the row still sums to one and a neighbour gone for good
+        costs no more than with the old policy); this peer remembers the loan in ``B_j`` and takes
+        it back out of the first sum the sender delivers, so the mass still balances
+        (docs/algorithms.md §8)."""
         missing = tuple(j for j, _ in view.in_neighbours if j not in received)
         delta: dict[int, TensorDict] = {}
-        for j, _ in view.in_neighbours:
+        repaid: dict[int, TensorDict] = {}
+        borrowed: list[tuple[int, float]] = []
+        for j, w in view.in_neighbours:
             if j in received and self.rho_round.get(j) != k:
                 S_j = {n: received[j][n].to(self.device, SUM_DTYPE, copy=True) for n in self.names}
                 delta[j] = {n: (S_j[n] - self.rho[j][n]).to(self.dtype) for n in self.names}
                 self.rho[j], self.rho_round[j] = S_j, k
+                self.v_misses[j] = 0
+                if j in self.B:
+                    repaid[j] = {n: b.to(self.dtype) for n, b in self.B.pop(j).items()}
+            elif j not in received:
+                self.v_misses[j] = self.v_misses.get(j, 0) + 1
+                if self.v_misses[j] >= self.sums_down_after:
+                    borrowed.append((j, w))
         out: TensorDict = {}
         for n, u in U.items():
             terms = [(view.self_weight, u)] + [(w, delta[j][n]) for j, w in view.in_neighbours if j in delta]
+            terms += [(w, u) for _, w in borrowed] + [(-1.0, repaid[j][n]) for j in sorted(repaid)]
             out[n] = optim.mix(terms)
+        for j, w in borrowed:
+            owed = self.B.setdefault(j, self._zeros(SUM_DTYPE))
+            for n, u in U.items():
+                owed[n] = owed[n] + w * u.to(SUM_DTYPE)
         return out, missing
 
     def _mix_replicas(
@@ -468,6 +493,8 @@ class Peer:
             "S": _to_cpu(self.S),
             "rho": {j: _to_cpu(r) for j, r in self.rho.items()},
             "rho_round": dict(self.rho_round),
+            "v_misses": dict(self.v_misses),
+            "B": {j: _to_cpu(b) for j, b in self.B.items()},
             "R_self": {ph: _to_cpu(r) for ph, r in self.R_self.items()},
             "R": {ph: {j: _to_cpu(r) for j, r in rs.items()} for ph, rs in self.R.items()},
         }
@@ -487,6 +514,8 @@ class Peer:
         self.S = dev(state.get("S", {}))
         self.rho = {int(j): dev(r) for j, r in state.get("rho", {}).items()}
         self.rho_round = {int(j): int(r) for j, r in state.get("rho_round", {}).items()}
+        self.v_misses = {int(j): int(m) for j, m in state.get("v_misses", {}).items()}
+        self.B = {int(j): dev(b) for j, b in state.get("B", {}).items()}
         self.R_self = {ph: dev(r) for ph, r in state.get("R_self", {}).items()} or self.R_self
         self.R = {
             ph: {int(j): dev(r) for j, r in rs.items()} for ph, rs in state.get("R", {}).items()

@@ -7,9 +7,12 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import torch
 
 from demuon.app import simulate
 from demuon.config import Config, config_from_dict
+from demuon.node.observe import averaged_validation_loss
+from demuon.workloads import make_workload
 
 GRAPHS = {"ring": {"name": "ring"}, "directed_exponential": {"name": "directed_exponential"}}
 
@@ -80,3 +83,27 @@ def test_compressed_gossip_repairs_lost_corrections_at_each_keyframe() -> None:
     assert lossy.cluster[-1]["tracking_gap"] > 1e-6  # some repair is still owed after round 145
     want, got = clean.summary["average"]["validation_loss"], lossy.summary["average"]["validation_loss"]
     assert abs(got - want) <= 0.02 * want
+
+
+def test_a_neighbour_gone_for_good_costs_no_more_than_under_the_old_policy() -> None:
+    """Peer 5 cut off from round 20 to the end: its neighbours lend its weight to themselves, so
+    the survivors train as under weight-to-self, and the loans keep the invariant exact."""
+    gone = {
+        "link": [
+            {"action": "drop", "src": [5], "rounds": [20, 119]},
+            {"action": "drop", "dst": [5], "rounds": [20, 119]},
+        ]
+    }
+
+    def survivors_loss(tracker: str) -> tuple[float, float]:
+        config = logistic("ring", 120, tracker=tracker, faults=gone)
+        res = simulate.run(config)
+        workload = make_workload(config.workload, seed=config.seed, device=torch.device("cpu"))
+        states = [p.X() for p in res.peers if p.index != 5]
+        worst = max(r["tracking_gap_in_flight"] for r in res.cluster)
+        return averaged_validation_loss(workload, config.seed, states, dtype=torch.float64), worst
+
+    old, _ = survivors_loss("self_weight")
+    new, worst = survivors_loss("running_sum")
+    assert new <= old * 1.01, f"survivors' validation loss {new:.4f} vs {old:.4f} with the old policy"
+    assert worst <= 1e-9
