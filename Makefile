@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DEMO_OUT ?= runs/demo
 
-.PHONY: demo test test-slow lint typecheck bench broker clean setup
+.PHONY: demo test test-slow lint typecheck bench broker netns-tools clean setup
 
 setup: $(STAMP)
 
@@ -21,6 +21,11 @@ broker:
 	@command -v mosquitto >/dev/null 2>&1 || command -v /usr/sbin/mosquitto >/dev/null 2>&1 || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; }
 
+# What `demuon netlab` and the namespace tests use: iproute2 (ip, tc) and iptables (--loss).
+netns-tools:
+	@{ command -v /usr/sbin/ip && command -v /usr/sbin/tc && command -v iptables; } >/dev/null 2>&1 || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 iptables >/dev/null; }
+
 demo: $(STAMP)
 	$(PY) -m demuon demo --out $(DEMO_OUT)
 
@@ -33,10 +38,10 @@ typecheck: $(STAMP)
 
 # Two pytest workers: the multi-process tests mostly wait (process start, deadlines) while the
 # other worker runs unit tests. Tests marked slow run sequentially in `make test-slow`.
-test: $(STAMP) broker lint typecheck
+test: $(STAMP) broker netns-tools lint typecheck
 	$(PY) -m pytest -q -p no:cacheprovider -n 2
 
-test-slow: $(STAMP) broker
+test-slow: $(STAMP) broker netns-tools
 	$(PY) -m pytest -q -p no:cacheprovider -m slow
 
 bench: $(STAMP)

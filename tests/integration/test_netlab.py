@@ -4,6 +4,7 @@ namespace the tool created is gone afterwards (also the ones of a run that fails
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 
 from demuon import results
 from tests.support.cluster import RING
-from tests.support.netns import existing_namespaces
+from tests.support.netns import Lan, existing_namespaces
 
 pytestmark = pytest.mark.netns
 TAIL = 5
@@ -56,3 +57,44 @@ def test_a_bad_option_fails_in_one_line_before_any_namespace_exists(tmp_path: Pa
     assert done.returncode == 2
     assert "--cut='two@5': expected PEER@ROUND+SECONDS" in done.stderr
     assert netlab_namespaces() == before
+
+
+def test_loss_drops_what_the_peer_receives_inside_its_namespace_only(tmp_path: Path) -> None:
+    """``--loss 1=100`` in a two-namespace LAN: UDP datagrams to peer 1 all vanish, the rule is in
+    peer 1's namespace (not the host's), and the namespaces are gone afterwards."""
+    from demuon.app.netlab import IPTABLES, lan
+
+    probe = (
+        "import socket, sys; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3.0); "
+        "s.bind((sys.argv[1], 9999)); "
+        "print('got' if s.recvfrom(64) else '')"
+    )
+    send = (
+        "import socket, sys; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+        "[s.sendto(b'x', (sys.argv[1], 9999)) for _ in range(20)]"
+    )
+
+    def delivered(net: Lan) -> bool:
+        receiver = subprocess.Popen(
+            [*net.exec_prefix(1), sys.executable, "-c", probe, net.addr(1)], stdout=subprocess.PIPE, text=True
+        )
+        try:
+            for _ in range(5):  # the receiver binds within a second; send a few bursts
+                subprocess.run(
+                    [*net.exec_prefix(0), sys.executable, "-c", send, net.addr(1)], check=True, timeout=30
+                )
+            out, _ = receiver.communicate(timeout=30)
+        finally:
+            if receiver.poll() is None:
+                receiver.kill()
+                receiver.wait()
+        return "got" in out
+
+    before = existing_namespaces()
+    with lan(2, f"dl{os.getpid() % 100000}") as net:
+        assert delivered(net)  # the link works
+        net.lose(1, 100.0)
+        rules = subprocess.run([*net.exec_prefix(1), IPTABLES, "-S", "INPUT"], capture_output=True, text=True)
+        assert "statistic" in rules.stdout and "DROP" in rules.stdout
+        assert not delivered(net)  # and now everything peer 1 receives is dropped
+    assert existing_namespaces() == before
