@@ -34,6 +34,7 @@ from rich.live import Live
 from rich.table import Table
 
 from demuon import results
+from demuon.app.peers import leaves
 from demuon.atomic import atomic_write_bytes
 from demuon.config import Config, PeerFault, load_config
 from demuon.errors import ConfigError
@@ -366,9 +367,11 @@ def write_launch_summary(
     statuses: dict[int, dict[str, Any]] = {}
     for p in peers:
         status = p.status
-        if status is Status.DONE and not (p.out / "final.json").is_file():
+        final = p.out / "final.json"
+        if status is Status.DONE and not final.is_file():
             status = Status.STOPPED  # exit 0 without final.json: stopped cleanly (e.g. MQTT "stop")
-        statuses[p.id] = {"status": status.value, "exit_code": p.proc.returncode}
+        left = status is Status.DONE and "left_at" in json.loads(final.read_text())
+        statuses[p.id] = {"status": "left" if left else status.value, "exit_code": p.proc.returncode}
     data = launch_summary(config, out, statuses, interrupted=interrupted, wall_s=wall_s)
     results.write_summary(out, data)
     return data
@@ -382,11 +385,8 @@ def stop_grace(config: Config) -> float:
 
 def check_peer_faults(config: Config) -> None:
     """A plan ``demuon launch`` cannot carry out fails before anything starts, naming the field."""
+    leaves(config)  # announced leaves: exact mode, a static undirected graph that stays connected
     for f in config.faults.peer:
-        if f.leave_at is not None:
-            raise ConfigError(
-                "faults.peer.leave_at", f.leave_at, f"peer {f.id}: announced leaves are not built yet"
-            )
         if f.restart_after_s is not None and config.checkpoint.every == 0:
             raise ConfigError(
                 "faults.peer.restart_after_s",

@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 
 from demuon.config import Config
+from demuon.errors import ConfigError, TopologyError
 from demuon.node.peer import Peer, PeerSetup, resolve_device, resolve_dtype
-from demuon.topology import PeerView, mixing_matrix_from_config, peer_view, period
+from demuon.topology import PeerView, live_mixing_matrix, mixing_matrix_from_config, peer_view, period
 from demuon.workloads import Workload, make_workload
 
 
@@ -33,6 +34,67 @@ def views_of(config: Config, index: int) -> list[PeerView]:
     return [peer_view(W, index) for W in Ws]
 
 
+def leaves(config: Config) -> dict[int, int]:
+    """``{peer: round it leaves at}`` of the fault plan's announced leaves, checked: they need
+    the exact mode and a static undirected graph that stays connected (a bad plan fails here,
+    naming the field, before anything starts)."""
+    plan = {f.id: f.leave_at for f in config.faults.peer if f.leave_at is not None}
+    if not plan:
+        return {}
+    exact = config.gossip.codec.kind == "identity" and config.gossip.gamma == 1.0
+    if not exact or period(config.topology, config.peers) != 1:
+        raise ConfigError(
+            "faults.peer.leave_at",
+            sorted(plan.values()),
+            "announced leaves need the identity codec and a static graph",
+        )
+    if len(plan) >= config.peers:
+        raise ConfigError("faults.peer.leave_at", sorted(plan), "at least one peer must stay")
+    for r in sorted(set(plan.values())):
+        try:
+            live_mixing_matrix(
+                base_matrix(config), [i for i in range(config.peers) if plan.get(i, r + 1) > r]
+            )
+        except TopologyError as exc:
+            raise ConfigError("faults.peer.leave_at", r, str(exc)) from exc
+    return plan
+
+
+def base_matrix(config: Config) -> torch.Tensor:
+    return mixing_matrix_from_config(config.topology, config.peers, 0)
+
+
+def schedule_of(config: Config, index: int) -> list[tuple[int, list[PeerView]]]:
+    """Peer ``index``'s views after each round at which peers leave: Metropolis weights on the
+    graph of the peers that stay, which every peer computes alike from the shared config."""
+    plan = leaves(config)
+    out = []
+    for r in sorted(set(plan.values())):
+        live = [i for i in range(config.peers) if plan.get(i, r + 1) > r]
+        out.append((r, [peer_view(live_mixing_matrix(base_matrix(config), live), index)]))
+    return out
+
+
+def view_at(config: Config, index: int, k: int) -> PeerView:
+    """Peer ``index``'s view in round ``k``, leaves included (as :meth:`Peer.view` answers it)."""
+    views = views_of(config, index)
+    for start, later in schedule_of(config, index):
+        if k >= start:
+            views = later
+    return views[k % len(views)]
+
+
+def heir_of(config: Config, leaver: int) -> int:
+    """Who takes over ``leaver``'s share of the trackers: its lowest-numbered neighbour that stays."""
+    plan = leaves(config)
+    r = plan[leaver]
+    row = base_matrix(config)[leaver]
+    stay = [j for j in range(config.peers) if j != leaver and row[j] > 0 and plan.get(j, r + 1) > r]
+    if not stay:
+        raise ConfigError("faults.peer.leave_at", r, f"peer {leaver} has no neighbour that stays")
+    return stay[0]
+
+
 def build_peer(config: Config, index: int, workload: Workload, setup: PeerSetup) -> Peer:
     return Peer(
         index,
@@ -41,6 +103,7 @@ def build_peer(config: Config, index: int, workload: Workload, setup: PeerSetup)
         algorithm=config.algorithm,
         gossip=config.gossip,
         setup=setup,
+        schedule=schedule_of(config, index),
     )
 
 

@@ -28,7 +28,7 @@ import torch
 import uvloop
 
 from demuon.app.peers import build_peer as build_one
-from demuon.app.peers import peer_setup
+from demuon.app.peers import heir_of, leaves, peer_setup
 from demuon.config import Config, load_config, math_fingerprint
 from demuon.errors import ConfigError
 from demuon.node.checkpoint import load_checkpoint, restore
@@ -54,6 +54,11 @@ def build_peer(config: Config, peer_id: int) -> Peer:
 
 def daemon_settings(config: Config, peer_id: int | None = None) -> DaemonSettings:
     crash = [f.crash_at for f in config.faults.peer if f.id == peer_id and f.crash_at is not None]
+    plan = leaves(config)
+    inherit: dict[int, list[int]] = {}
+    for gone, r in plan.items():
+        if heir_of(config, gone) == peer_id:
+            inherit.setdefault(r, []).append(gone)
     return DaemonSettings(
         rounds=config.rounds,
         threads=config.threads,
@@ -61,6 +66,9 @@ def daemon_settings(config: Config, peer_id: int | None = None) -> DaemonSetting
         keyframe_every=config.gossip.keyframe_every,
         fingerprint=math_fingerprint(config),
         crash_at=crash[0] if crash else None,
+        leave_at=plan.get(peer_id) if peer_id is not None else None,
+        heir=heir_of(config, peer_id) if peer_id in plan else None,
+        inherit={r: tuple(sorted(js)) for r, js in inherit.items()},
     )
 
 

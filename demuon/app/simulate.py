@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import torch
 
 from demuon import results
-from demuon.app.peers import build_peers
+from demuon.app.peers import build_peers, heir_of, leaves
 from demuon.app.summary import config_fields
 from demuon.config import Config
 from demuon.node.exchange import ExactExchange
@@ -117,14 +117,20 @@ async def _rounds(
     progress: ProgressHook | None,
 ) -> None:
     exchange = ExactExchange(peers, plan_from_config(config.faults))
+    plan = leaves(config)
+    by_index = {p.index: p for p in peers}
     for k in range(config.rounds):
-        metrics = await simulate_round_async(peers, k, exchange, keyframe_every=config.gossip.keyframe_every)
+        for gone in sorted(i for i, r in plan.items() if r == k):  # announced leaves, as the round starts
+            by_index[heir_of(config, gone)].inherit(by_index[gone].handoff())
+            exchange.retire(gone)
+        active = [p for p in peers if plan.get(p.index, config.rounds) > k]
+        metrics = await simulate_round_async(active, k, exchange, keyframe_every=config.gossip.keyframe_every)
         for m in metrics:
             row = m.row()
             res.per_peer[m.peer].append(row)
             if m.peer in writers:
                 writers[m.peer].write(row)
-        row = cluster_row(config, peers, metrics, k, workload)
+        row = cluster_row(config, active, metrics, k, workload)
         res.cluster.append(row)
         if cluster is not None:
             cluster.write(row)
@@ -149,14 +155,21 @@ def run(config: Config, *, out: Path | None = None, progress: ProgressHook | Non
     finally:
         for w in [*writers.values(), *([cluster] if cluster else [])]:
             w.close()
+    gone = leaves(config)
+    stay = [p for p in peers if p.index not in gone]
     res.summary = results.summary(
         source="simulate",
         **config_fields(config),
-        peers=[results.peer_entry(p.index, p.round, p.last_loss, p.fingerprint()) for p in peers],
+        peers=[
+            results.peer_entry(
+                p.index, p.round, p.last_loss, p.fingerprint(), status="left" if p.index in gone else "done"
+            )
+            for p in peers
+        ],
         validation_loss=res.cluster[-1]["val_loss"],
-        averaged_peers=[p.index for p in peers],
+        averaged_peers=[p.index for p in stay],
         wall_s=time.perf_counter() - start,
-        tracking_drift=tracking_drift([TrackerState.of(p, config.rounds - 1) for p in peers]),
+        tracking_drift=tracking_drift([TrackerState.of(p, config.rounds - 1) for p in stay]),
         faults=results.fault_totals(res.per_peer),
     )
     if out:

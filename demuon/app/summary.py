@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +67,12 @@ def peer_final(config: Config, directory: Path, peer: int) -> tuple[dict[str, An
         data = json.loads((folder / "final.json").read_text())
         fp, loss = data["fingerprint"], data.get("final_train_loss")
         entry = results.peer_entry(
-            peer, int(data["final_round"]), _nan(loss), (_nan(fp["sum"]), _nan(fp["l2"])), source="final"
+            peer,
+            int(data["final_round"]),
+            _nan(loss),
+            (_nan(fp["sum"]), _nan(fp["l2"])),
+            status=str(data.get("status", "done")),
+            source="final",
         )
         pt = folder / "final.pt"
         state = torch.load(pt, map_location="cpu", weights_only=True) if pt.is_file() else None
@@ -109,7 +114,7 @@ def launch_summary(
     for i in range(config.peers):
         entry, state = peer_final(config, directory, i)
         entries.append({**entry, **(statuses or {}).get(i, {})})
-        if state is not None:
+        if state is not None and entries[-1]["status"] != "left":  # the average is the survivors'
             states[i] = state
     try:
         val = average_validation_loss(config, list(states.values()))
@@ -124,15 +129,17 @@ def launch_summary(
         averaged_peers=sorted(states),
         wall_s=wall_s,
         interrupted=interrupted,
-        tracking_drift=checkpointed_drift(config, directory),
+        tracking_drift=checkpointed_drift(
+            config, directory, left={e["id"] for e in entries if e["status"] == "left"}
+        ),
         faults=results.fault_totals(results.read_per_peer(directory)),
     )
 
 
-def checkpointed_drift(config: Config, directory: Path) -> float | None:
-    """The tracking drift of a launch from every peer's last checkpoint (its V, M and running
-    sums), with each peer's view of the last round; None if a peer has no usable checkpoint."""
-    from demuon.app.peers import views_of
+def checkpointed_drift(config: Config, directory: Path, left: Collection[int] = ()) -> float | None:
+    """The tracking drift of a launch from every staying peer's last checkpoint (its V, M and
+    running sums), with its view of the last round; None if a peer has no usable checkpoint."""
+    from demuon.app.peers import view_at
     from demuon.errors import CheckpointError
     from demuon.node.checkpoint import load_checkpoint
     from demuon.node.observe import TrackerState, tracking_drift
@@ -140,14 +147,15 @@ def checkpointed_drift(config: Config, directory: Path) -> float | None:
     fingerprint = math_fingerprint(config)
     states = []
     for i in range(config.peers):
+        if i in left:
+            continue
         folder = results.peer_folder(directory, i)
         try:
             blob = load_checkpoint(config.checkpoint.dir or folder / "checkpoint", i, fingerprint)
         except CheckpointError:
             return None
         s = blob["state"]
-        views = views_of(config, i)
-        last = views[int(blob["round"]) % len(views)]
+        last = view_at(config, i, int(blob["round"]))
         rho = {int(j): r for j, r in s.get("rho", {}).items()}
         copies = {int(j): r for j, r in s.get("R", {}).get("V", {}).items()}
         states.append(

@@ -43,7 +43,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ParamSpec, Protocol, TypeVar
 
@@ -129,6 +129,9 @@ class DaemonSettings:
     keyframe_every: int  # compressed only: a full replica every N rounds (0 = never)
     fingerprint: str  # demuon.config.math_fingerprint of the run, written into checkpoints
     crash_at: int | None = None  # fault plan: SIGKILL ourselves as round crash_at starts (first life)
+    leave_at: int | None = None  # fault plan: hand our tracker share to ``heir`` and leave then
+    heir: int | None = None
+    inherit: Mapping[int, tuple[int, ...]] = field(default_factory=dict)  # round → leavers we inherit
 
 
 class Daemon:
@@ -177,6 +180,8 @@ class Daemon:
         self._train_task: asyncio.Task[None] | None = None
         self._rejected_seen: Counter[str] = Counter()
         self._injected_seen: Counter[str] = Counter()
+        self.left_at: int | None = None  # the round we left before (announced leave)
+        self._inherited: set[int] = set()
         self._metrics: results.MetricsWriter | None = None
         self._closed = False
         self._signalled = False
@@ -289,6 +294,10 @@ class Daemon:
                     break
                 target = self._catch_up(k)
                 skipped, k = target - k, target
+                if self.settings.leave_at is not None and k >= self.settings.leave_at:
+                    await self._leave(k)
+                    break
+                await self._inherit(k)
                 if self.settings.crash_at is not None and k >= self.settings.crash_at and not self.resumed:
                     log.warning("fault plan: crashing (SIGKILL) as round %d starts", k)
                     logging.shutdown()
@@ -326,6 +335,28 @@ class Daemon:
         left = net.start_timeout_s - (time.perf_counter() - start)
         self.gossip.first_timeout_s = max(net.phase_timeout_s, left)
 
+    async def _leave(self, k: int) -> None:
+        """An announced leave (fault plan): hand our share of the trackers to the heir, then stop."""
+        assert self.settings.heir is not None
+        share = await self._compute(self.peer.handoff)
+        await self.gossip.send_handoff(k, share, self.settings.heir)
+        self.left_at = k
+        log.info("fault plan: left before round %d, tracker share handed to peer %d", k, self.settings.heir)
+
+    async def _inherit(self, k: int) -> None:
+        """Take over the shares of the neighbours that leave at or before round ``k`` (once each)."""
+        for r, gone in sorted(self.settings.inherit.items()):
+            for j in gone:
+                if r > k or j in self._inherited:
+                    continue
+                self._inherited.add(j)
+                share = await self.gossip.receive_handoff(r, j)
+                if share is None:
+                    log.warning("peer %d left before round %d but its tracker share never came", j, r)
+                    continue
+                await self._compute(self.peer.inherit, share)
+                log.info("took over peer %d's tracker share (it left before round %d)", j, r)
+
     async def _save_checkpoint(self) -> Path:
         return await self._compute(save_checkpoint, self.checkpoint_dir, self.peer, self.settings.fingerprint)
 
@@ -333,13 +364,15 @@ class Daemon:
         if self.last_completed is not None:
             path = await self._save_checkpoint()
             log.info("checkpoint of round %d written to %s", self.last_completed, path)
-        if self.completed:
+        if self.completed or self.left_at is not None:
             await self._compute(self._write_final)
 
     def _write_final(self) -> None:
         assert self.last_completed is not None
         loss = self.peer.last_loss
         entry = results.peer_entry(self.peer.index, self.last_completed, loss, self.peer.fingerprint())
+        if self.left_at is not None:
+            entry["status"], entry["left_at"] = "left", self.left_at
         if not math.isfinite(loss):
             entry["final_train_loss"] = None  # JSON has no NaN
         atomic_write_bytes(self.out / "final.json", (json.dumps(entry, indent=2) + "\n").encode())

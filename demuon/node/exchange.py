@@ -63,6 +63,10 @@ class ExactExchange:
         self._complete: dict[tuple[int, str], asyncio.Event] = {}
         self._taken: dict[tuple[int, str], int] = {}
 
+    def retire(self, index: int) -> None:
+        """Peer ``index`` left: the barrier no longer waits for it."""
+        self.peers.pop(index, None)
+
     def side(self, index: int) -> PeerSide:
         """Peer ``index``'s :class:`~demuon.node.rounds.Exchange`."""
         return PeerSide(self, index)

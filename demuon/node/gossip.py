@@ -42,8 +42,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+import torch
+
 from demuon.config import IdentityCodec, NetworkConfig
-from demuon.node.peer import Peer
+from demuon.node.peer import SUM_DTYPE, Peer
 from demuon.node.rounds import Delivery, ExchangeStats
 from demuon.transport import wire, wire_errors
 from demuon.transport.base import Buffer, Transport
@@ -53,6 +55,9 @@ from demuon.transport.faults import FaultPlan, decide
 #: Rounds ahead of the current one whose messages are kept (a neighbour may run this far ahead
 #: of us without losing anything). Independent of the config so every peer agrees on it.
 AHEAD_WINDOW = 16
+
+#: The phase of the one message a leaving peer sends: its share of the trackers, to its heir.
+HANDOFF = "H"
 
 #: Seconds of waiting after which the last messages are sent again (at-least-once delivery).
 RESEND_EVERY_S = 1.0
@@ -216,7 +221,8 @@ class Gossip:
             senders=frozenset(self._senders),
             shapes=self._shapes,
             dtype=self.peer.dtype,  # what the peers send: float32, or float64 for reference runs
-            phase_dtypes={"V": self.peer.wire_dtype("V")},  # running tracker sums travel in float64
+            phases=frozenset({"V", "X", HANDOFF}),
+            phase_dtypes={"V": self.peer.wire_dtype("V"), HANDOFF: SUM_DTYPE},  # sums travel in float64
             keyframe_shapes=self._keyframe_shapes,
             keyframe_dtypes=self._keyframe_dtypes,
             min_round=max(0, k - 1),
@@ -254,6 +260,22 @@ class Gossip:
             self.keyframe_wanted = True
         self._arrived.set()
         return outcome
+
+    async def send_handoff(self, k: int, share: Mapping[str, torch.Tensor], heir: int) -> None:
+        """Send our share of the trackers (float64, identity-coded), tagged with the round we
+        leave before, to ``heir`` (announced leave, docs/algorithms.md §8)."""
+        tensors = {n: self._codecs["identity"].encode(t.contiguous(), seed=0) for n, t in share.items()}
+        frames = list(
+            wire.encode(sender=self.peer.index, round=k, phase=HANDOFF, codec="identity", tensors=tensors)
+        )
+        await self._send((heir,), frames)
+        self._sent.append(((heir,), frames))
+
+    async def receive_handoff(self, k: int, sender: int) -> dict[str, torch.Tensor] | None:
+        """The share ``sender`` handed us before round ``k`` (None if it did not come in time)."""
+        await self._collect(k, HANDOFF, [sender], self.net.phase_timeout_s)
+        got = self.mailbox.take(k, HANDOFF, [sender])
+        return dict(got[sender].message.tensors) if sender in got else None
 
     def _doomed(self, sender: int, k: int, phase: str) -> bool:
         """Whether the fault plan keeps ``sender``'s (k, phase) message from arriving usable."""

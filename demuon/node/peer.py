@@ -131,6 +131,7 @@ class Peer:
         algorithm: AlgorithmConfig,
         gossip: GossipConfig,
         setup: PeerSetup,
+        schedule: Sequence[tuple[int, Sequence[PeerView]]] = (),  # (from round, views) after leaves
     ) -> None:
         if not views or any(v.index != index for v in views):
             raise ValueError(f"views must be non-empty and all for peer {index}")
@@ -138,6 +139,7 @@ class Peer:
         self.setup = setup
         self.workload = workload
         self.views = tuple(views)
+        self.schedule = tuple((r, tuple(vs)) for r, vs in sorted(schedule, key=lambda item: item[0]))
         self.device = setup.device
         self.dtype = setup.dtype
         self.algorithm = algorithm
@@ -218,7 +220,22 @@ class Peer:
         return self._zeros()
 
     def view(self, k: int) -> PeerView:
-        return self.views[k % len(self.views)]
+        """This peer's row and column of the mixing matrix in round ``k`` (after any planned
+        leave, the re-weighted live graph's)."""
+        views = self.views
+        for start, later in self.schedule:
+            if k >= start:
+                views = later
+        return views[k % len(views)]
+
+    def handoff(self) -> TensorDict:
+        """``V − M`` (float64): this peer's share of the trackers, for its heir when it leaves
+        (the survivors' mean V = mean M needs it, docs/algorithms.md §8)."""
+        return {n: (self.V[n].to(SUM_DTYPE) - self.M[n].to(SUM_DTYPE)).contiguous() for n in self.names}
+
+    def inherit(self, share: Mapping[str, torch.Tensor]) -> None:
+        """Take over a leaving neighbour's share of the trackers: ``V += share``."""
+        self.V = {n: self.V[n] + share[n].to(self.device, self.dtype) for n in self.names}
 
     def X(self) -> TensorDict:
         """The current iterate (detached views of the model's parameters)."""

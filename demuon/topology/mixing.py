@@ -25,7 +25,7 @@ checks only nonnegativity and stochasticity for it, not ``λ < 1``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -354,3 +354,21 @@ def peer_view(W: torch.Tensor, i: int) -> PeerView:
     ins = tuple((j, float(row[j])) for j in range(n) if j != i and row[j] > 0)
     outs = tuple(j for j in range(n) if j != i and col[j] > 0)
     return PeerView(index=i, self_weight=float(row[i]), in_neighbours=ins, out_neighbours=outs)
+
+
+def live_mixing_matrix(W: torch.Tensor, live: Collection[int]) -> torch.Tensor:
+    """Metropolis weights on the graph of ``W`` restricted to the peers in ``live`` (a peer that
+    left keeps only its own weight 1). Every peer computes the same matrix from the shared config
+    and the list of who left, so both ends of every edge agree on its weight; the result is
+    symmetric and doubly stochastic. The graph must be undirected and stay connected."""
+    n = W.shape[0]
+    A = (W > 0) & ~torch.eye(n, dtype=torch.bool)
+    if not torch.equal(A, A.T):
+        raise TopologyError("not_undirected", "re-weighting after a leave needs an undirected graph")
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[list(live)] = True
+    A_live = A & keep[:, None] & keep[None, :]
+    ids = [i for i in range(n) if keep[i]]
+    if ids and not graphs.is_connected(A_live[ids][:, ids]):
+        raise TopologyError("disconnected", f"the peers that stay ({ids}) are not connected", where=ids)
+    return metropolis_weights(A_live)

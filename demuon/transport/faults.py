@@ -93,6 +93,10 @@ class FaultPlan:
         object.__setattr__(self, "rules", tuple(self.rules))
 
 
+#: The gossip phases a fault plan acts on.
+PLANNED_PHASES = frozenset({"V", "X"})
+
+
 def _round_phase(
     rounds: tuple[int, int] | None, phases: Collection[str] | None
 ) -> Callable[[int, int, Hashable], bool]:
@@ -102,6 +106,8 @@ def _round_phase(
         if not (isinstance(key, tuple) and len(key) == 2):
             return False
         k, phase = key
+        if phase not in PLANNED_PHASES:  # a leaver's hand-off is not one of the plan's messages
+            return False
         return (rounds is None or rounds[0] <= k <= rounds[1]) and (phases is None or phase in phases)
 
     return where

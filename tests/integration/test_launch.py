@@ -224,15 +224,20 @@ def test_launch_and_simulate_on_the_oracle_file_write_the_same_run_folder(tmp_pa
 def test_in_float64_and_under_a_fault_plan_launch_and_simulate_reach_the_same_parameters(
     tmp_path: Path,
 ) -> None:
-    """float64 everywhere, and a 10 % drop plan on every link given to both commands as
-    ``--faults FILE`` (a receiver does not wait for a message the plan drops, so the short phase
-    deadline is never met by a planned drop)."""
+    """float64 everywhere, and a plan given to both commands as ``--faults FILE``: a 10 % drop on
+    every link (a receiver does not wait for a message the plan drops, so the short phase deadline
+    is never met by a planned drop) and peer 2 leaving before round 12 (it hands its tracker share
+    to its heir and the others re-weight)."""
     plan = tmp_path / "drop10.toml"
-    plan.write_text('seed = 7\n[[link]]\naction = "drop"\nprobability = 0.1\n')
+    plan.write_text(
+        'seed = 7\n[[link]]\naction = "drop"\nprobability = 0.1\n[[peer]]\nid = 2\nleave_at = 12\n'
+    )
     sets = ["dtype=float64", "network.phase_timeout_s=2.0"]
     out, sim, _ = launch_and_simulate(tmp_path, sets, "--faults", str(plan))
     launched_summary, simulated_summary = results.read_summary(out), results.read_summary(sim)
     assert launched_summary["dtype"] == simulated_summary["dtype"] == "float64"
+    statuses = [[p["status"] for p in s["peers"]] for s in (launched_summary, simulated_summary)]
+    assert statuses[0] == statuses[1] == ["done", "done", "left", "done"]
     fingerprints = [[p["fingerprint"] for p in s["peers"]] for s in (launched_summary, simulated_summary)]
     assert fingerprints[0] == fingerprints[1]
     assert launched_summary["faults"] == simulated_summary["faults"]

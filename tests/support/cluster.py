@@ -171,7 +171,7 @@ def inproc_daemon(
     gossip.transport = wrap(inner) if wrap is not None else inner
     return Daemon(
         peer,
-        daemon_settings(config),
+        daemon_settings(config, index),
         gossip,
         gossip.transport,
         out=out,

@@ -1,0 +1,106 @@
+"""An announced leave (``[[peer]] leave_at`` in a fault plan): the leaver hands its share of the
+trackers (V − M) to its heir, the survivors re-weight (Metropolis on the live graph, computed alike
+at both ends of every edge), mean V = mean M holds on the survivors, and they reach their own
+optimum; the daemon does exactly what the simulator does."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from demuon.app import simulate
+from demuon.app.peers import heir_of
+from demuon.config import Config, config_from_dict, load_config
+from demuon.errors import ConfigError
+from demuon.node.daemon import DaemonStatus
+from tests.support.cluster import CONFIGS, inproc_daemons
+
+
+def quadratic(leave_at: int | None, rounds: int = 200) -> Config:
+    faults: dict[str, Any] = {"peer": [{"id": 5, "leave_at": leave_at}]} if leave_at is not None else {}
+    return config_from_dict(
+        {
+            "peers": 8,
+            "rounds": rounds,
+            "seed": 1,
+            "dtype": "float64",
+            "eval_every": rounds,
+            "topology": {"name": "ring"},
+            "algorithm": {"name": "demuon", "lr": 0.05, "schedule": {"kind": "linear"}},
+            "workload": {"kind": "quadratic"},
+            "faults": faults,
+        }
+    )
+
+
+def survivors_gap(res: simulate.SimulationResult) -> float:
+    """F_s(mean of the survivors' X) − min F_s for the survivors' average objective F_s."""
+    stay = [p for p in res.peers if p.index != 5]
+    data = [stay[0].workload.peer_data(p.index) for p in stay]  # type: ignore[attr-defined]
+    A = torch.cat([a for a, _ in data]).double()
+    B = torch.cat([b for _, b in data]).double()
+    best = torch.linalg.lstsq(A, B).solution
+    X = torch.stack([p.params["weight"].detach().T.double() for p in stay]).mean(0)
+
+    def F(W: torch.Tensor) -> float:
+        return float(0.5 * ((A @ W - B) ** 2).sum() / A.shape[0])
+
+    return F(X) - F(best)
+
+
+def test_after_a_leave_the_survivors_mix_doubly_stochastically_and_reach_their_optimum() -> None:
+    left = simulate.run(quadratic(20))
+    alone = simulate.run(quadratic(0))  # the same survivors without peer 5 from the start
+    stay = [p for p in left.peers if p.index != 5]
+    W = torch.zeros(8, 8, dtype=torch.float64)
+    for p in stay:
+        view = p.view(20)
+        W[p.index, p.index] = view.self_weight
+        for j, w in view.in_neighbours:
+            W[p.index, j] = w
+    live = [p.index for p in stay]
+    sub = W[live][:, live]
+    assert torch.allclose(sub.sum(0), torch.ones(7, dtype=torch.float64))  # columns
+    assert torch.allclose(sub.sum(1), torch.ones(7, dtype=torch.float64))  # rows
+    assert torch.equal(sub, sub.T)  # both ends of every edge agree on its weight
+    assert W[:, 5].abs().sum() == 0  # nobody mixes the leaver any more
+    assert max(r["tracking_gap_in_flight"] for r in left.cluster[20:]) <= 1e-9 * 100  # ‖mean M‖ ~ 10²
+    assert [e["status"] for e in left.summary["peers"]].count("left") == 1
+    assert survivors_gap(left) <= 2 * survivors_gap(alone) + 1e-9
+
+
+async def test_daemons_carry_out_a_leave_exactly_as_the_simulator(tmp_path: Path) -> None:
+    sets = ["faults={peer = [{id = 2, leave_at = 8}]}", "network.phase_timeout_s=5.0"]
+    config = load_config(CONFIGS / "oracle-ring4.toml", sets)
+    daemons = inproc_daemons(config, tmp_path)
+    assert await asyncio.gather(*(d.run() for d in daemons)) == [DaemonStatus.STOPPED] * config.peers
+    reference = simulate.run(config)
+    for d, ref in zip(daemons, reference.peers, strict=True):
+        final = torch.load(tmp_path / f"peer-{d.peer.index}" / "final.pt", weights_only=True)
+        assert all(torch.equal(final[n], ref.params[n].detach()) for n in ref.names), d.peer.index
+    assert daemons[2].left_at == 8 and heir_of(config, 2) in (1, 3)
+
+
+@pytest.mark.parametrize(
+    ("sets", "why"),
+    [
+        (["faults={peer = [{id = 1, leave_at = 5}]}", "gossip.codec={kind = 'topk'}"], "identity codec"),
+        (["faults={peer = [{id = 1, leave_at = 5}]}", "topology.name='directed_exponential'"], "undirected"),
+        (
+            [
+                "peers=3",
+                "network.peers=[]",
+                "faults={peer = [{id = 0, leave_at = 5}]}",
+                "topology.name='star'",
+            ],
+            "connected",
+        ),
+    ],
+)
+def test_a_leave_that_cannot_be_carried_out_fails_before_anything_starts(sets: list[str], why: str) -> None:
+    with pytest.raises(ConfigError, match=f"faults.peer.leave_at.*{why}"):
+        simulate.run(load_config(CONFIGS / "oracle-ring4.toml", sets))
