@@ -373,6 +373,11 @@ class NetworkConfig(Frozen):
     down_after_misses: int = Field(default=3, ge=1, description="K consecutive misses → neighbour down")
     start_timeout_s: float = Field(default=30.0, gt=0.0, description="wait for neighbours at start")
     hwm: int = Field(default=1000, ge=1)
+    on_sigterm: Literal["stop", "leave"] = Field(
+        default="stop",
+        description="stop: checkpoint and exit (resume later); leave: hand the tracker share to a "
+        "neighbour, tell the others, exit for good",
+    )
     heartbeat_ms: int = Field(default=1000, ge=0)
 
 

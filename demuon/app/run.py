@@ -69,6 +69,7 @@ def daemon_settings(config: Config, peer_id: int | None = None) -> DaemonSetting
         leave_at=plan.get(peer_id) if peer_id is not None else None,
         heir=heir_of(config, peer_id) if peer_id in plan else None,
         inherit={r: tuple(sorted(js)) for r, js in inherit.items()},
+        on_sigterm=config.network.on_sigterm,
     )
 
 

@@ -132,6 +132,7 @@ class DaemonSettings:
     leave_at: int | None = None  # fault plan: hand our tracker share to ``heir`` and leave then
     heir: int | None = None
     inherit: Mapping[int, tuple[int, ...]] = field(default_factory=dict)  # round → leavers we inherit
+    on_sigterm: str = "stop"  # "stop" (checkpoint, resume later) or "leave" (hand off, for good)
 
 
 class Daemon:
@@ -181,6 +182,7 @@ class Daemon:
         self._rejected_seen: Counter[str] = Counter()
         self._injected_seen: Counter[str] = Counter()
         self.left_at: int | None = None  # the round we left before (announced leave)
+        self._leave_requested = False
         self._inherited: set[int] = set()
         self._metrics: results.MetricsWriter | None = None
         self._closed = False
@@ -231,9 +233,18 @@ class Daemon:
             if self._train_task is not None:
                 self._train_task.cancel()
             return
-        log.info("%s: stopping after the current round", sig.name)
         self._signalled = True
+        if sig is signal.SIGTERM and self.settings.on_sigterm == "leave":
+            log.info("SIGTERM: leaving for good after the current round")
+            self.request_leave()
+            return
+        log.info("%s: stopping after the current round", sig.name)
         self.control.apply("stop")
+
+    def request_leave(self) -> None:
+        """Leave for good after the current round: hand our share of the trackers to a neighbour,
+        tell the others, stop (a leave announced at run time, docs/algorithms.md §8)."""
+        self._leave_requested = True
 
     async def close(self) -> None:
         """Close the transport, the services and the metrics file. Idempotent, never hangs."""
@@ -294,10 +305,15 @@ class Daemon:
                     break
                 target = self._catch_up(k)
                 skipped, k = target - k, target
-                if self.settings.leave_at is not None and k >= self.settings.leave_at:
-                    await self._leave(k)
+                if self._leave_requested or (
+                    self.settings.leave_at is not None and k >= self.settings.leave_at
+                ):
+                    await self._leave(k, announce=self._leave_requested)
                     break
                 await self._inherit(k)
+                for j, share in self.gossip.take_handoffs().items():  # leaves announced at run time
+                    await self._compute(self.peer.inherit, share)
+                    log.info("took over peer %d's tracker share (it left)", j)
                 if self.settings.crash_at is not None and k >= self.settings.crash_at and not self.resumed:
                     log.warning("fault plan: crashing (SIGKILL) as round %d starts", k)
                     logging.shutdown()
@@ -335,13 +351,28 @@ class Daemon:
         left = net.start_timeout_s - (time.perf_counter() - start)
         self.gossip.first_timeout_s = max(net.phase_timeout_s, left)
 
-    async def _leave(self, k: int) -> None:
-        """An announced leave (fault plan): hand our share of the trackers to the heir, then stop."""
-        assert self.settings.heir is not None
-        share = await self._compute(self.peer.handoff)
-        await self.gossip.send_handoff(k, share, self.settings.heir)
+    async def _leave(self, k: int, *, announce: bool = False) -> None:
+        """Leave before round ``k``: hand our share of the trackers to the heir (the plan's, or our
+        lowest-numbered neighbour), and with ``announce`` a zero share to every other neighbour so
+        that none of them waits for us again; then stop."""
+        view = self.peer.view(k)
+        ins = {j for j, _ in view.in_neighbours}
+        neighbours = sorted(ins & set(view.out_neighbours)) or sorted(view.out_neighbours)
+        heir = (
+            self.settings.heir if self.settings.heir is not None else (neighbours[0] if neighbours else None)
+        )
+        if heir is None:
+            log.warning("leaving before round %d with no neighbour to hand the tracker share to", k)
+        else:
+            share = await self._compute(self.peer.handoff)
+            await self.gossip.send_handoff(k, share, heir)
+            if announce:
+                zero = {n: torch.zeros_like(t) for n, t in share.items()}
+                for j in view.out_neighbours:
+                    if j != heir:
+                        await self.gossip.send_handoff(k, zero, j)
         self.left_at = k
-        log.info("fault plan: left before round %d, tracker share handed to peer %d", k, self.settings.heir)
+        log.info("left before round %d, tracker share handed to peer %s", k, heir)
 
     async def _inherit(self, k: int) -> None:
         """Take over the shares of the neighbours that leave at or before round ``k`` (once each)."""

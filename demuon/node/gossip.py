@@ -199,6 +199,8 @@ class Gossip:
         self.peer = peer
         self.net = network
         self.plan = plan if plan is not None and plan.rules else None
+        self.departed: set[int] = set()  # neighbours that handed off and left for good
+        self.handoffs: dict[int, dict[str, torch.Tensor]] = {}  # sender → its share, until taken
         self.mailbox: Mailbox[Inbound] = Mailbox(current=start_round)
         self.liveness = Liveness(self.net.down_after_misses)
         self.transport: Transport[Inbound] | None = None
@@ -247,8 +249,16 @@ class Gossip:
         return Inbound(msg, _nbytes(frames))
 
     def deliver(self, item: Inbound) -> Outcome:
-        """File one accepted message (called by the receive task)."""
+        """File one accepted message (called by the receive task). A hand-off means its sender
+        left for good: it is never waited for again, and its share waits to be taken."""
         m = item.message
+        if m.phase == HANDOFF:
+            if m.sender not in self.departed:
+                self.departed.add(m.sender)
+                self.handoffs[m.sender] = dict(m.tensors)
+                log.info("neighbour %d left (hand-off for round %d)", m.sender, m.round)
+            self._arrived.set()
+            return Outcome.KEPT
         outcome = self.mailbox.put(m.round, m.phase, m.sender, item)
         # A late message, or one from the round just closed, still shows the sender is alive and
         # at most a round behind: mark it up so the next round waits for it and it can rejoin.
@@ -272,10 +282,23 @@ class Gossip:
         self._sent.append(((heir,), frames))
 
     async def receive_handoff(self, k: int, sender: int) -> dict[str, torch.Tensor] | None:
-        """The share ``sender`` handed us before round ``k`` (None if it did not come in time)."""
-        await self._collect(k, HANDOFF, [sender], self.net.phase_timeout_s)
-        got = self.mailbox.take(k, HANDOFF, [sender])
-        return dict(got[sender].message.tensors) if sender in got else None
+        """The share ``sender`` handed us before round ``k`` (None if it did not come within a
+        phase deadline)."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + self.net.phase_timeout_s
+        while sender not in self.handoffs and loop.time() < end:
+            self._arrived.clear()
+            try:
+                async with asyncio.timeout(end - loop.time()):
+                    await self._arrived.wait()
+            except TimeoutError:
+                pass
+        return self.handoffs.pop(sender, None)
+
+    def take_handoffs(self) -> dict[int, dict[str, torch.Tensor]]:
+        """Every share handed to us so far and not yet taken (a leave announced at run time)."""
+        out, self.handoffs = self.handoffs, {}
+        return out
 
     def _doomed(self, sender: int, k: int, phase: str) -> bool:
         """Whether the fault plan keeps ``sender``'s (k, phase) message from arriving usable."""
@@ -349,7 +372,7 @@ class Gossip:
                 self.keyframe_wanted = True
         missing = tuple(j for j in expected if j not in got)
         for j in missing:
-            if not self._doomed(j, k, phase) and self.liveness.missed(j):
+            if j not in self.departed and not self._doomed(j, k, phase) and self.liveness.missed(j):
                 log.warning("neighbour %d is down (%d missed phases)", j, self.liveness.misses[j])
         return missing
 
@@ -369,12 +392,12 @@ class Gossip:
         self._sent.append((targets, frames))
 
         expected = tuple(self.peer.expected_senders(k))
-        waiting = [j for j in expected if j not in self.liveness.down]
-        if expected and not waiting:
+        waiting = [j for j in expected if j not in self.liveness.down and j not in self.departed]
+        if expected and not waiting and not set(expected) <= self.departed:
             # Every neighbour is down: most likely our own link is. Going on alone would race
             # through the remaining rounds in milliseconds (and drag everyone to the end when they
             # catch up with us), so an isolated peer still waits out the deadline for them all.
-            waiting = list(expected)
+            waiting = [j for j in expected if j not in self.departed]
         # A fault plan is shared by both ends: never wait for a message it drops (runs under a
         # plan replay exactly, whatever the timing; real link faults still meet the deadlines).
         waiting = [j for j in waiting if not self._doomed(j, k, phase)]

@@ -6,6 +6,9 @@ optimum; the daemon does exactly what the simulator does."""
 from __future__ import annotations
 
 import asyncio
+import functools
+import signal
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -104,3 +107,45 @@ async def test_daemons_carry_out_a_leave_exactly_as_the_simulator(tmp_path: Path
 def test_a_leave_that_cannot_be_carried_out_fails_before_anything_starts(sets: list[str], why: str) -> None:
     with pytest.raises(ConfigError, match=f"faults.peer.leave_at.*{why}"):
         simulate.run(load_config(CONFIGS / "oracle-ring4.toml", sets))
+
+
+async def test_a_leave_asked_for_at_run_time_hands_off_and_no_survivor_waits_for_the_leaver(
+    tmp_path: Path,
+) -> None:
+    """What ``network.on_sigterm = "leave"`` does on SIGTERM, asked for here by peer 2's own round
+    hook after round 5: it hands its share to its heir, tells its other neighbours, and stops; the
+    others never wait out a deadline for it and finish, with mean V = mean M on the survivors
+    (the ring's weights are symmetric, so the survivors' rows and columns still sum to one)."""
+    config = load_config(CONFIGS / "oracle-ring4.toml", ["dtype='float64'", "network.phase_timeout_s=5.0"])
+    rows: dict[int, list[dict[str, Any]]] = {i: [] for i in range(config.peers)}
+    daemons: list[Any] = []
+
+    def hook(i: int, row: Mapping[str, Any]) -> None:
+        rows[i].append(dict(row))
+        if i == 2 and row["round"] == 5:
+            daemons[2].request_leave()
+
+    daemons.extend(inproc_daemons(config, tmp_path, hooks={i: functools.partial(hook, i) for i in rows}))
+    assert await asyncio.gather(*(d.run() for d in daemons)) == [DaemonStatus.STOPPED] * config.peers
+    left = daemons[2].left_at
+    assert left is not None and 6 <= left <= 8
+    stay = [d for d in daemons if d.peer.index != 2]
+    for d in stay:
+        assert d.completed and rows[d.peer.index][-1]["round"] == config.rounds - 1
+        after = [r for r in rows[d.peer.index] if r["round"] > left]
+        assert max(r["t_wait_max"] for r in after) < 2.0  # nobody waited out a 5 s deadline for peer 2
+    V = {n: torch.stack([d.peer.V[n].double() for d in stay]).mean(0) for n in stay[0].peer.names}
+    M = {n: torch.stack([d.peer.M[n].double() for d in stay]).mean(0) for n in stay[0].peer.names}
+    gap = sum(float((V[n] - M[n]).square().sum()) for n in V) ** 0.5
+    scale = max(1.0, sum(float(M[n].square().sum()) for n in M) ** 0.5)
+    assert gap <= 1e-9 * scale, gap
+
+
+async def test_sigterm_means_leave_only_when_the_config_says_so(tmp_path: Path) -> None:
+    for setting, leaves_ in (("stop", False), ("leave", True)):
+        config = load_config(CONFIGS / "oracle-ring4.toml", [f"network.on_sigterm='{setting}'"])
+        daemon = inproc_daemons(config, tmp_path / setting, peers=[0])[0]
+        daemon._on_signal(signal.SIGTERM)
+        assert daemon._leave_requested is leaves_
+        assert daemon.control.stop.is_set() is not leaves_  # a stop checkpoints to resume later
+        await daemon.close()
