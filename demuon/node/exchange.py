@@ -42,6 +42,7 @@ class Posted:
     decoded: dict[str, torch.Tensor]  # as every receiver decodes it
     keyframe: bool
     nbytes: int  # size of the whole wire message
+    fates: dict[int, FaultRule | None]  # recipient → what the fault plan does to it (decided once)
 
 
 def message_size(peer: Peer, k: int, phase: str, encoded: Mapping[str, Encoded], keyframe: bool) -> int:
@@ -80,19 +81,20 @@ class ExactExchange:
         if index in box:
             raise RuntimeError(f"peer {index} posted ({k}, {phase}) twice")
         size = message_size(peer, k, phase, encoded, keyframe)
-        box[index] = Posted(peer.decode(encoded, phase, keyframe=keyframe), keyframe, size)
+        fates = {t: self._fate(index, t, k, phase) for t in peer.recipients(k)}
+        box[index] = Posted(peer.decode(encoded, phase, keyframe=keyframe), keyframe, size, fates)
         complete = self._complete.setdefault(key, asyncio.Event())
         if len(box) == len(self.peers):
             complete.set()
         await complete.wait()
         expected = peer.expected_senders(k)
         counts: Counter[str] = Counter()
-        fates = {j: self._fate(j, index, k, phase) for j in expected}
+        fates = {j: box[j].fates.get(index) for j in expected}  # what happened to each sender's message
         got = {j: box[j] for j, rule in fates.items() if rule is None or rule.action == "duplicate"}
         for rule in fates.values():
             if rule is not None:
                 counts[FATE_COUNTS[rule.action]] += rule.copies if rule.action == "duplicate" else 1
-        counts["injected"] = sum(self._fate(index, t, k, phase) is not None for t in peer.recipients(k))
+        counts["injected"] = sum(rule is not None for rule in box[index].fates.values())
         self._taken[key] = self._taken.get(key, 0) + 1
         if self._taken[key] == len(self.peers):  # everyone has its share: forget this phase
             del self._posted[key], self._complete[key], self._taken[key]

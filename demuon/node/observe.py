@@ -64,53 +64,46 @@ class TrackerState:
         )
 
 
-def tracking_drift(states: Sequence[TrackerState]) -> float | None:
-    """``‖mean V + in-flight/N − mean M‖ / max(‖mean M‖, 1e-12)`` over all parameters, float64:
-    how far the network-wide averages are from mean V = mean M, counting tracker mass still in
-    flight on a link (``w_ij (S_j − ρ_ij)``) as delivered. None without trackers (empty V)."""
-    if not states or not states[0].V:
-        return None
+def _in_flight(states: Sequence[TrackerState], name: str) -> torch.Tensor:
+    """Tracker mass of parameter ``name`` sent but not yet used, summed over every link between
+    ``states`` (float64): ``w_ij (S_j − ρ_ij) − B_ij`` with running sums (minus what a missing
+    sender's weight lent to self), ``γ w_ij (R_j − R_ij)`` (the repair the next keyframe brings)
+    with compressed replica sums (docs/algorithms.md §8), else zero."""
     by_index = {s.index: s for s in states}
-    n = len(states)
+    total = torch.zeros_like(states[0].V[name], dtype=torch.float64, device="cpu")
+    for s in states:
+        for j, w in s.in_neighbours:
+            sender = by_index.get(j)
+            if sender is not None and sender.S and j in s.rho:
+                total += w * (sender.S[name].double().cpu() - s.rho[j][name].double().cpu())
+                if j in s.B:
+                    total -= s.B[j][name].double().cpu()
+            elif sender is not None and sender.R_self and j in s.R:
+                total += s.gamma * w * (sender.R_self[name].double().cpu() - s.R[j][name].double().cpu())
+    return total
+
+
+def _gap(states: Sequence[TrackerState], count_in_flight: bool) -> tuple[float, float]:
+    """``(‖mean V (+ in-flight/N) − mean M‖, ‖mean M‖)`` over all parameters, float64."""
     gap = mean_m = 0.0
     for name in states[0].V:
         v = torch.stack([s.V[name].double().cpu() for s in states]).mean(0)
+        if count_in_flight:
+            v = v + _in_flight(states, name) / len(states)
         m = torch.stack([s.M[name].double().cpu() for s in states]).mean(0)
-        for s in states:
-            for j, w in s.in_neighbours:
-                sender = by_index.get(j)
-                if sender is not None and sender.S and j in s.rho:
-                    v = v + w * (sender.S[name].double().cpu() - s.rho[j][name].double().cpu()) / n
-                    if j in s.B:
-                        v = v - s.B[j][name].double().cpu() / n
-                elif sender is not None and sender.R_self and j in s.R:
-                    owed = sender.R_self[name].double().cpu() - s.R[j][name].double().cpu()
-                    v = v + s.gamma * w * owed / n
         gap += float((v - m).square().sum())
         mean_m += float(m.square().sum())
-    return math.sqrt(gap) / max(math.sqrt(mean_m), 1e-12)
+    return math.sqrt(gap), math.sqrt(mean_m)
 
 
-def in_flight(peers: Sequence[Peer], k: int) -> dict[str, torch.Tensor]:
-    """Tracker mass sent but not yet used after round ``k``, summed over all links (float64):
-    ``Σ_i Σ_j w_ij (S_j − ρ_ij)`` with running sums, ``Σ_i Σ_j γ w_ij (R_j − R_ij)`` (the repair
-    the next keyframe brings) with compressed replica sums (docs/algorithms.md §8), else zero."""
-    by_index = {p.index: p for p in peers}
-    total = {n: torch.zeros(p.shape, dtype=torch.float64) for n, p in peers[0].params.items()}
-    for p in peers:
-        for j, w in p.view(k).in_neighbours:
-            sender = by_index.get(j)
-            if sender is None:
-                continue
-            for n in total:
-                if p.running_sums:
-                    total[n] += w * (sender.S[n].double().cpu() - p.rho[j][n].double().cpu())
-                    if j in p.B:  # what a presumed-gone sender's weight lent to self
-                        total[n] -= p.B[j][n].double().cpu()
-                elif p.replica_sums:  # compressed: the repair a keyframe will bring
-                    mine = p.R["V"][j][n].double().cpu()
-                    total[n] += p.gamma * w * (sender.R_self["V"][n].double().cpu() - mine)
-    return total
+def tracking_drift(states: Sequence[TrackerState]) -> float | None:
+    """``‖mean V + in-flight/N − mean M‖ / max(‖mean M‖, 1e-12)`` over all parameters, float64:
+    how far the network-wide averages are from mean V = mean M, counting tracker mass still in
+    flight on a link as delivered. None without trackers (empty V)."""
+    if not states or not states[0].V:
+        return None
+    gap, mean_m = _gap(states, count_in_flight=True)
+    return gap / max(mean_m, 1e-12)
 
 
 def tracking_gap(peers: Sequence[Peer], k: int | None = None) -> float | None:
@@ -119,15 +112,8 @@ def tracking_gap(peers: Sequence[Peer], k: int | None = None) -> float | None:
     counts as if delivered: the invariant mean V = mean M then holds under message loss too."""
     if "V" not in peers[0].phases:
         return None
-    flying = in_flight(peers, k) if k is not None else {}
-    sq = 0.0
-    for name in peers[0].names:
-        mv = torch.stack([p.V[name].double().cpu() for p in peers]).mean(0)
-        if name in flying:
-            mv = mv + flying[name] / len(peers)
-        mm = torch.stack([p.M[name].double().cpu() for p in peers]).mean(0)
-        sq += float((mv - mm).square().sum())
-    return math.sqrt(sq)
+    states = [TrackerState.of(p, 0 if k is None else k) for p in peers]
+    return _gap(states, count_in_flight=k is not None)[0]
 
 
 def averaged_validation_loss(
