@@ -366,12 +366,9 @@ def write_launch_summary(
 
     statuses: dict[int, dict[str, Any]] = {}
     for p in peers:
-        status = p.status
-        final = p.out / "final.json"
-        if status is Status.DONE and not final.is_file():
-            status = Status.STOPPED  # exit 0 without final.json: stopped cleanly (e.g. MQTT "stop")
-        left = status is Status.DONE and "left_at" in json.loads(final.read_text())
-        statuses[p.id] = {"status": "left" if left else status.value, "exit_code": p.proc.returncode}
+        statuses[p.id] = {"exit_code": p.proc.returncode}
+        if p.status is not Status.DONE:  # exit 0: the peer's own files say done, left or stopped
+            statuses[p.id]["status"] = p.status.value
     data = launch_summary(config, out, statuses, interrupted=interrupted, wall_s=wall_s)
     results.write_summary(out, data)
     return data
