@@ -17,27 +17,16 @@ import torch
 
 from demuon.app import simulate
 from demuon.app.peers import heir_of
-from demuon.config import Config, config_from_dict, load_config
+from demuon.config import Config, load_config
 from demuon.errors import ConfigError
 from demuon.node.daemon import DaemonStatus
 from tests.support.cluster import CONFIGS, inproc_daemons
+from tests.support.configs import eight_peers
 
 
 def quadratic(leave_at: int | None, rounds: int = 200) -> Config:
     faults: dict[str, Any] = {"peer": [{"id": 5, "leave_at": leave_at}]} if leave_at is not None else {}
-    return config_from_dict(
-        {
-            "peers": 8,
-            "rounds": rounds,
-            "seed": 1,
-            "dtype": "float64",
-            "eval_every": rounds,
-            "topology": {"name": "ring"},
-            "algorithm": {"name": "demuon", "lr": 0.05, "schedule": {"kind": "linear"}},
-            "workload": {"kind": "quadratic"},
-            "faults": faults,
-        }
-    )
+    return eight_peers("quadratic", rounds, faults=faults)
 
 
 def survivors_gap(res: simulate.SimulationResult) -> float:

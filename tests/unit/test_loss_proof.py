@@ -13,27 +13,15 @@ from demuon.app import simulate
 from demuon.config import Config, config_from_dict
 from demuon.node.observe import averaged_validation_loss
 from demuon.workloads import make_workload
+from tests.support.configs import eight_peers
 
-GRAPHS = {"ring": {"name": "ring"}, "directed_exponential": {"name": "directed_exponential"}}
+GRAPHS = ("ring", "directed_exponential")
 
 
 def logistic(
     graph: str, rounds: int, *, tracker: str = "running_sum", faults: dict[str, Any] | None = None
 ) -> Config:
-    return config_from_dict(
-        {
-            "peers": 8,
-            "rounds": rounds,
-            "seed": 1,
-            "dtype": "float64",
-            "eval_every": rounds,
-            "topology": GRAPHS[graph],
-            "algorithm": {"name": "demuon", "lr": 0.05, "schedule": {"kind": "linear"}},
-            "gossip": {"tracker": tracker},
-            "workload": {"kind": "logistic"},
-            "faults": faults or {},
-        }
-    )
+    return eight_peers("logistic", rounds, topology=graph, tracker=tracker, faults=faults)
 
 
 DROP_20 = {"seed": 3, "link": [{"action": "drop", "probability": 0.2}]}  # every link, both phases
