@@ -339,11 +339,14 @@ class Gossip:
         deadline, next_resend = start + deadline_s, start + RESEND_EVERY_S
         resends = resent_bytes = 0
         while True:
-            # a sender already two rounds ahead went on without us: its (k, phase) will not come
+            # a sender already two rounds ahead went on without us, and one that handed off while
+            # we waited has left for good: neither's (k, phase) will come
             waiting = [
                 j
                 for j in waiting
-                if not self.mailbox.has(k, phase, j) and self.mailbox.latest.get(j, k) < k + 2
+                if not self.mailbox.has(k, phase, j)
+                and self.mailbox.latest.get(j, k) < k + 2
+                and j not in self.departed
             ]
             now = loop.time()
             if not waiting or now >= deadline:

@@ -196,3 +196,20 @@ async def test_a_peer_whose_every_neighbour_is_down_still_waits_out_the_deadline
         _, stats = await one_phase(g, 0, "V")
         assert stats.waited_for == (1, 2)
         assert stats.waited_s >= config.network.start_timeout_s  # the first phase's deadline
+
+
+async def test_a_neighbour_that_hands_off_while_we_wait_for_it_is_no_longer_waited_for() -> None:
+    """A leave announced at run time can reach a peer already waiting for the leaver's message of
+    the round it left before: the hand-off ends that wait, instead of the phase deadline."""
+    config = ring3(phase_timeout_s=10.0, start_timeout_s=10.0)
+    async with cluster(config, [0, 1, 2]) as gossips:
+        g, leaver = gossips[0], gossips[2]
+        waiting = asyncio.create_task(one_phase(g, 0, "V"))
+        await wait_until(lambda: len(g._sent) == 1)  # sent, and now waiting for peers 1 and 2
+        await leaver.send_handoff(0, leaver.peer.handoff(), 0)
+        await leaver.send_handoff(0, {n: torch.zeros_like(t) for n, t in leaver.peer.handoff().items()}, 1)
+        _, peer1_stats = await one_phase(gossips[1], 0, "V")
+        _, stats = await waiting
+    assert stats.waited_for == (1, 2) and stats.missing == (2,)
+    assert stats.waited_s < stats.deadline_s and peer1_stats.missing == (2,)
+    assert g.departed == {2} and set(g.take_handoffs()) == {2}
