@@ -31,7 +31,7 @@ from demuon.app.peers import build_peer as build_one
 from demuon.app.peers import heir_of, leaves, peer_setup
 from demuon.config import Config, load_config, math_fingerprint
 from demuon.errors import ConfigError
-from demuon.node.checkpoint import load_checkpoint, restore
+from demuon.node.checkpoint import load_checkpoint, remove_leftover_temp_files, restore
 from demuon.node.daemon import Control, Daemon, DaemonSettings, DaemonStatus, RoundHook, Service
 from demuon.node.gossip import Gossip, Inbound
 from demuon.node.peer import Peer
@@ -116,9 +116,11 @@ class Start:
 
 
 def prepare(config: Config, peer_id: int, out: Path, *, resume: bool = False) -> Start:
-    """Build peer ``peer_id`` and, with ``resume``, restore it (a CheckpointError names the file)."""
+    """Build peer ``peer_id`` and, with ``resume``, restore it (a CheckpointError names the file).
+    Temp files of this peer's checkpoint writes that a killed process left are removed first."""
     peer = build_peer(config, peer_id)
     checkpoint_dir = config.checkpoint.dir or out / "checkpoint"
+    remove_leftover_temp_files(checkpoint_dir, peer_id)
     start = restore(peer, load_checkpoint(checkpoint_dir, peer_id, math_fingerprint(config))) if resume else 0
     if resume:
         log.info("resumed from %s at round %d", checkpoint_dir, start)
