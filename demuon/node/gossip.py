@@ -179,6 +179,17 @@ def _nbytes(frames: Sequence[Buffer]) -> int:
     return sum(memoryview(f).nbytes for f in frames)
 
 
+def possible_senders(peer: Peer) -> frozenset[int]:
+    """Every peer that may send to ``peer`` in some round: its in-neighbours over the topology's
+    period and after planned leaves (compressed mode: the peers whose replicas it holds). A leaving
+    neighbour's hand-off comes from one of them too."""
+    views = [*peer.views, *(v for _, later in peer.schedule for v in later)]
+    ids = {j for v in views for j, _ in v.in_neighbours}
+    if not peer.exact:
+        ids.update(peer.hat[peer.phases[0]])
+    return frozenset(ids)
+
+
 class Gossip:
     """Peer ``peer``'s side of the protocol over a transport yielding :class:`Inbound` messages.
 
@@ -205,7 +216,9 @@ class Gossip:
         self.liveness = Liveness(self.net.down_after_misses)
         self.transport: Transport[Inbound] | None = None
         self.keyframe_wanted = False  # a neighbour came back: resynchronise its replicas of us
-        self._senders = tuple(range(n_peers))
+        if not 0 <= peer.index < n_peers:
+            raise ValueError(f"peer {peer.index} is not one of {n_peers} peers")
+        self.senders = possible_senders(peer)  # nobody else's message is even parsed
         self._rounds = rounds
         self._shapes = {n: tuple(p.shape) for n, p in peer.params.items()}
         self._keyframe_shapes, self._keyframe_dtypes = peer.keyframe_tensors()
@@ -220,7 +233,7 @@ class Gossip:
     # ---------------------------------------------------------------- receive side
     def _context(self, k: int) -> wire.DecodeContext:
         return wire.DecodeContext(
-            senders=frozenset(self._senders),
+            senders=self.senders,
             shapes=self._shapes,
             dtype=self.peer.dtype,  # what the peers send: float32, or float64 for reference runs
             phases=frozenset({"V", "X", HANDOFF}),
@@ -233,7 +246,20 @@ class Gossip:
             max_round=max(k + AHEAD_WINDOW, self._rounds - 1),
             codecs=self._codecs,
             require_finite=True,
+            max_message_bytes=wire.message_bound(self._keyframe_shapes),
+            max_header_bytes=self.max_header_bytes,
         )
+
+    @property
+    def max_header_bytes(self) -> int:
+        """The longest frame 0 any valid message of this run can have (``wire.header_bound``)."""
+        return wire.header_bound(self._keyframe_shapes)
+
+    @property
+    def max_frame_bytes(self) -> int:
+        """The largest frame any valid message of this run can have: the transport's limit for
+        what it buffers from anyone (``ZMQ_MAXMSGSIZE``)."""
+        return max(self.max_header_bytes, wire.frame_bound(self._keyframe_shapes))
 
     def decode(self, sender: int, frames: list[memoryview]) -> Inbound:
         """The transport's decode: ``wire.decode`` against the current round's context."""
@@ -313,9 +339,20 @@ class Gossip:
         In a healthy run no in-neighbour can be two rounds ahead: its round k+1 needs our round
         k messages. A message for round ≥ k+2 therefore means the neighbours went on without us
         (we were down, or restarted from an older checkpoint): skip to the latest such round and
-        rejoin the mix there instead of running the remaining rounds alone."""
-        ahead = [r for j, r in self.mailbox.latest.items() if j in set(senders) and r >= k + 2]
-        return min(max(ahead), self._rounds - 1) if ahead else None
+        rejoin the mix there instead of running the remaining rounds alone.
+
+        One message cannot move us far: the jump needs two in-neighbours that are up (not down) to
+        be that far ahead, and goes to the round both have reached (with one such neighbour, its
+        word is all there is). A forged or buggy far-future message from one neighbour changes
+        nothing while the other neighbours disagree (docs/design.md §8)."""
+        votes = sorted(
+            (self.mailbox.latest.get(j, -1) for j in set(senders) if j not in self.liveness.down),
+            reverse=True,
+        )
+        if not votes:
+            return None
+        agreed = votes[min(2, len(votes)) - 1]
+        return min(agreed, self._rounds - 1) if agreed >= k + 2 else None
 
     # ---------------------------------------------------------------- the round
     def begin_round(self, k: int) -> None:

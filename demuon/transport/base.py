@@ -27,8 +27,9 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Generic, Protocol, TypeAlias, TypeVar
 
 from demuon.errors import TransportError, WireFormatError
@@ -47,6 +48,9 @@ DEFAULT_QUEUE_SIZE = 1000
 
 #: ``rejected`` key for a decode function that raised something other than WireFormatError.
 DECODE_CRASH = "decode_crash"
+#: ``rejected`` keys of the checks made before decoding (see :class:`Inbox`).
+NOT_A_NEIGHBOUR = "not_a_neighbour"
+MUTED = "muted"
 
 log = logging.getLogger(__name__)
 
@@ -91,20 +95,76 @@ class _Closed:
 _CLOSED = _Closed()
 
 
+class RejectBudget:
+    """Per-sender budget of rejected messages (sans-IO: the clock is passed in).
+
+    A sender with ``budget`` rejected messages within ``mute_s`` seconds is *muted* for ``mute_s``:
+    what it sends meanwhile is dropped before any decoding work (counted as ``muted``), so a flood
+    of malformed messages costs a few microseconds each instead of a header parse. The budget
+    refills when a window of ``mute_s`` passes (or the mute ends).
+    """
+
+    def __init__(self, budget: int, mute_s: float) -> None:
+        if budget < 1 or not mute_s > 0:
+            raise ValueError(f"reject budget needs budget >= 1 and mute_s > 0, got {budget} and {mute_s}")
+        self.budget, self.mute_s = budget, mute_s
+        self._spent: dict[int, tuple[float, int]] = {}  # sender → (window start, rejections in it)
+        self._until: dict[int, float] = {}  # muted sender → end of its mute
+
+    def muted(self, sender: int, now: float) -> bool:
+        until = self._until.get(sender)
+        if until is None:
+            return False
+        if now < until:
+            return True
+        del self._until[sender]
+        return False
+
+    def charge(self, sender: int, now: float) -> bool:
+        """Count one rejected message of ``sender``; True when this one exhausts the budget (the
+        sender is muted from now for ``mute_s``)."""
+        start, spent = self._spent.get(sender, (now, 0))
+        if now - start >= self.mute_s:
+            start, spent = now, 0
+        spent += 1
+        if spent < self.budget:
+            self._spent[sender] = (start, spent)
+            return False
+        self._spent.pop(sender, None)
+        self._until[sender] = now + self.mute_s
+        return True
+
+
 class Inbox(Generic[T]):
     """The receive side shared by transports: decode-and-count, then a bounded queue.
 
     ``accept`` applies ``decode`` and records rejections in ``rejected`` (the transport's own
     counter). ``get`` raises ``TransportError`` once the inbox is closed.
+
+    Optional, checked before ``decode`` (cheap): ``senders``, the peer ids that may send to us (any
+    other is counted as ``not_a_neighbour``), and a :class:`RejectBudget` (a muted sender's message
+    is counted as ``muted``, and each mute is logged as a warning).
     """
 
-    def __init__(self, decode: Decode[T], rejected: Counter[str], maxsize: int = DEFAULT_QUEUE_SIZE):
+    def __init__(
+        self,
+        decode: Decode[T],
+        rejected: Counter[str],
+        maxsize: int = DEFAULT_QUEUE_SIZE,
+        *,
+        senders: Collection[int] | None = None,
+        budget: RejectBudget | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         if maxsize < 1:
             raise ValueError(f"queue size must be >= 1, got {maxsize}")
         self._decode = decode
         self._rejected = rejected
         self._queue: asyncio.Queue[T | _Closed] = asyncio.Queue(maxsize)
         self._closed = False
+        self._senders = None if senders is None else frozenset(senders)
+        self._budget = budget
+        self._clock = clock
 
     @property
     def closed(self) -> bool:
@@ -120,12 +180,26 @@ class Inbox(Generic[T]):
 
     def accept(self, sender: int, frames: list[memoryview]) -> tuple[bool, T | None]:
         """Decode one message; ``(False, None)`` if it was rejected (and counted)."""
+        if self._senders is not None and sender not in self._senders:
+            self.reject(NOT_A_NEIGHBOUR, f"a message from peer {sender}, which does not send to us")
+            return False, None
+        budget = self._budget
+        if budget is not None and budget.muted(sender, self._clock()):
+            self._rejected[MUTED] += 1
+            return False, None
         try:
             return True, self._decode(sender, frames)
         except WireFormatError as err:
             self.reject(err.kind, f"a message from peer {sender}: {err}")
         except Exception as err:
             self.reject(DECODE_CRASH, f"a message from peer {sender}: {type(err).__name__}: {err}")
+        if budget is not None and budget.charge(sender, self._clock()):
+            log.warning(
+                "peer %d sent %d rejected messages: ignoring it for %.0f s",
+                sender,
+                budget.budget,
+                budget.mute_s,
+            )
         return False, None
 
     def put_nowait(self, item: T) -> bool:

@@ -111,6 +111,9 @@ MAX_STR = 1024  # names, phases, codec kinds, dtype names
 MAX_MAP = 32  # header, tensor entry, meta and params maps
 MAX_ARRAY = 1 << 16  # tensors per message, dims, buffers
 MAX_DIM = 2**62  # one dimension's size limit
+HEADER_BASE_BYTES = 1024  # header_bound: envelope, digest, fixed keys, codec params
+ENTRY_BYTES = 512  # header_bound: one tensor entry besides its name
+WIDEST_ITEMSIZE = 8  # frame_bound: float64
 HEADER_KEYS = frozenset({"sender", "round", "phase", "codec", "params", "keyframe", "tensors"})
 TENSOR_KEYS = frozenset({"name", "shape", "dtype", "meta", "buffers"})
 
@@ -288,6 +291,27 @@ def _tensor(entry: Any) -> _TensorHeader:
     )
 
 
+def header_bound(names: Collection[str]) -> int:
+    """The most bytes frame 0 of a valid message with tensors ``names`` can take: the envelope
+    and fixed keys, plus per tensor its name and an entry (shape, dtype, meta, buffers) well above
+    what any codec writes (about 80 bytes measured)."""
+    return HEADER_BASE_BYTES + sum(len(n.encode()) + ENTRY_BYTES for n in names)
+
+
+def frame_bound(shapes: Mapping[str, Shape]) -> int:
+    """The largest payload frame a valid message with these tensors can hold: one dense tensor
+    of the widest sendable dtype (float64), which no codec's buffers exceed."""
+    return max((math.prod(shape) * WIDEST_ITEMSIZE for shape in shapes.values()), default=0)
+
+
+def message_bound(shapes: Mapping[str, Shape]) -> int:
+    """The most bytes (all frames) a valid message with these tensors can take: its header and,
+    per tensor, twice its dense float64 size (a codec's buffers together never exceed that: top-k
+    values and indices, rank-r factors with r ≤ min(m, n))."""
+    dense = sum(math.prod(shape) * WIDEST_ITEMSIZE for shape in shapes.values())
+    return header_bound(shapes) + 2 * dense
+
+
 def _unpack(data: Buffer, **limits: int) -> Any:
     try:
         return msgpack.unpackb(data, raw=False, strict_map_key=True, max_ext_len=0, **limits)
@@ -308,8 +332,11 @@ def _envelope(frame0: memoryview, ctx: DecodeContext) -> tuple[int, bytes]:
     return obj[1], obj[2]
 
 
-def _header(body: bytes) -> dict[str, Any]:
-    header = _unpack(body, max_bin_len=0, max_str_len=MAX_STR, max_array_len=MAX_ARRAY, max_map_len=MAX_MAP)
+def _header(body: bytes, ctx: DecodeContext) -> dict[str, Any]:
+    # no array in a header is longer than the receiver's tensor list or MAX_DIMS: msgpack refuses
+    # a longer one from its length prefix, before parsing any entry of it
+    longest = min(MAX_ARRAY, max(MAX_DIMS, len(ctx.shapes), len(ctx.keyframe_shapes or ())))
+    header = _unpack(body, max_bin_len=0, max_str_len=MAX_STR, max_array_len=longest, max_map_len=MAX_MAP)
     if type(header) is not dict or header.keys() != HEADER_KEYS:
         raise BadHeader(f"header is not a map with keys {sorted(HEADER_KEYS)}")
     return header
@@ -436,7 +463,7 @@ def _decode_tensor(
 def _decode(frames: Sequence[Buffer], ctx: DecodeContext) -> Message:
     views, nbytes = _views(frames, ctx)
     digest, body = _envelope(views[0], ctx)
-    header = _header(body)
+    header = _header(body, ctx)
     sender, k = _check_origin(header, ctx)
     try:
         codec = _codec(header, ctx)

@@ -8,10 +8,23 @@ is counted as ``rejected["unknown_identity"]``); the other frames reach ``decode
 of the received ZeroMQ frames, without a copy.
 
 Sockets (options set explicitly): LINGER ``linger_ms`` (0: close never waits), SNDHWM/RCVHWM
-``hwm`` messages, ZMTP heartbeats (IVL ``heartbeat_ms``, TIMEOUT and TTL three intervals; 0
-disables), RECONNECT_IVL/_MAX, IMMEDIATE on DEALERs (queue only to live connections),
+``hwm`` messages, RECONNECT_IVL/_MAX, IMMEDIATE on DEALERs (queue only to live connections),
 ROUTER_HANDOVER on the ROUTER (a restarted neighbour with the same identity takes over), and
-MAXMSGSIZE ``max_frame_bytes`` on the ROUTER (a frame above it drops the connection).
+MAXMSGSIZE ``max_frame_bytes`` on the ROUTER (libzmq checks each frame's declared size before
+buffering it: a larger frame drops the connection, nothing is allocated).
+
+ZMTP heartbeats (IVL ``heartbeat_ms``, TIMEOUT and TTL three intervals; 0 disables) run on the
+DEALERs only, never on the ROUTER. libzmq 4.3.x aborts the process (``Assertion failed:
+!_io_error (src/stream_engine_base.cpp:310)``) when a listener's heartbeat times out a connection
+whose input is stopped by a full receive pipe and a new connection with the same routing identity
+takes the pipe over (ROUTER_HANDOVER): any client that can reach the port could trigger it by
+flooding from three connections with one identity (docs/design.md §7.2). With no heartbeat on
+the listener, the same flood is harmless (``tests/integration/test_hostile_traffic.py``); the
+DEALERs still detect a dead neighbour by its missing PONGs.
+
+Before any decoding work, the receive side drops (and counts) a message from a peer id outside
+``senders`` (``not_a_neighbour``) and from a sender over its ``budget`` of rejected messages
+(``muted``; :class:`~demuon.transport.base.RejectBudget`).
 
 ``send`` never blocks on a dead or slow neighbour: it uses NOBLOCK and counts a message that finds
 no live connection or a full queue as ``dropped["dropped_hwm"]``.
@@ -35,14 +48,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, Generic, TypeVar, cast
 
 import zmq
 import zmq.asyncio
 
 from demuon.errors import TransportError
-from demuon.transport.base import DEFAULT_QUEUE_SIZE, Buffer, Decode, Inbox, TransportStatus
+from demuon.transport.base import DEFAULT_QUEUE_SIZE, Buffer, Decode, Inbox, RejectBudget, TransportStatus
 from demuon.transport.security import ZAP_DOMAIN, CurveKeys, ZapAllowList, as_key
 
 T = TypeVar("T")
@@ -89,6 +102,8 @@ class ZmqTransport(Generic[T]):
         linger_ms: int = 0,
         queue_size: int = DEFAULT_QUEUE_SIZE,
         max_frame_bytes: int | None = None,
+        senders: Collection[int] | None = None,
+        budget: RejectBudget | None = None,
         curve: CurveKeys | None = None,
         public_keys: Mapping[int, bytes | str] | None = None,
         context: zmq.asyncio.Context | None = None,
@@ -116,7 +131,7 @@ class ZmqTransport(Generic[T]):
         self._endpoints: dict[int, str] = dict(neighbours)
         for n in self._endpoints:
             self._server_key(n)  # fail early on a neighbour without a key
-        self._inbox: Inbox[T] = Inbox(decode, self.rejected, queue_size)
+        self._inbox: Inbox[T] = Inbox(decode, self.rejected, queue_size, senders=senders, budget=budget)
         self._own_context = context is None
         self._ctx = context
         self._router: zmq.asyncio.Socket | None = None
@@ -142,23 +157,23 @@ class ZmqTransport(Generic[T]):
             raise TransportError(f"no CURVE public key for neighbour {peer}", peer=peer)
         return key
 
-    def _common_options(self, sock: zmq.asyncio.Socket) -> None:
+    def _common_options(self, sock: zmq.asyncio.Socket, *, heartbeat_ms: int) -> None:
         sock.setsockopt(zmq.LINGER, self.linger_ms)
         sock.setsockopt(zmq.SNDHWM, self.hwm)
         sock.setsockopt(zmq.RCVHWM, self.hwm)
         sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
-        sock.setsockopt(zmq.HEARTBEAT_IVL, self.heartbeat_ms)
-        if self.heartbeat_ms:
-            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * self.heartbeat_ms)
-            sock.setsockopt(zmq.HEARTBEAT_TTL, min(max(3 * self.heartbeat_ms, 100), 6_553_500))
+        sock.setsockopt(zmq.HEARTBEAT_IVL, heartbeat_ms)
+        if heartbeat_ms:
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * heartbeat_ms)
+            sock.setsockopt(zmq.HEARTBEAT_TTL, min(max(3 * heartbeat_ms, 100), 6_553_500))
 
     def _make_dealer(self, peer: int, endpoint: str) -> zmq.asyncio.Socket:
         assert self._ctx is not None
         server_key = self._server_key(peer)
         sock = self._ctx.socket(zmq.DEALER)
         try:
-            self._common_options(sock)
+            self._common_options(sock, heartbeat_ms=self.heartbeat_ms)
             sock.setsockopt(zmq.IMMEDIATE, 1)
             sock.setsockopt(zmq.IDENTITY, b"%d" % self.peer_id)
             if self.curve is not None and server_key is not None:
@@ -176,7 +191,7 @@ class ZmqTransport(Generic[T]):
         assert self._ctx is not None
         sock = self._ctx.socket(zmq.ROUTER)
         try:
-            self._common_options(sock)
+            self._common_options(sock, heartbeat_ms=0)  # never on the listener: see the module docstring
             sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
             sock.setsockopt(zmq.MAXMSGSIZE, -1 if self.max_frame_bytes is None else self.max_frame_bytes)
             if self.curve is not None:
