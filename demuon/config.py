@@ -14,8 +14,10 @@ factory explicitly, which is the one place user code is plugged in).
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -357,16 +359,60 @@ WorkloadConfig = Annotated[
 # ------------------------------------------------------------------------- cluster / daemon
 
 
+#: One label of a host name (RFC 1123; ``_`` too, as container runtimes allow it in names).
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+
+
+def is_host(text: str) -> bool:
+    """An IPv4 or IPv6 address (no brackets) or a host name. A name whose last label is all
+    digits (``256.1.1.1``, ``10.0.0``) is refused: it is a mistyped address, not a name."""
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        pass
+    labels = text.removesuffix(".").split(".")
+    return len(text) <= 253 and all(_LABEL.fullmatch(label) for label in labels) and not labels[-1].isdigit()
+
+
+def _check_host(text: str) -> str:
+    if not is_host(text):
+        raise ValueError("not an IPv4/IPv6 address or host name")
+    return text
+
+
+def _check_endpoint(text: str) -> str:
+    """``tcp://HOST:PORT`` is checked (an IPv6 host with or without brackets, as ZeroMQ reads
+    both); an endpoint of another ZeroMQ transport (``ipc://PATH``, ...) only for its form."""
+    scheme, sep, address = text.partition("://")
+    if not sep or not scheme or not address:
+        raise ValueError("expected a ZeroMQ endpoint such as tcp://HOST:PORT")
+    if scheme != "tcp":
+        return text
+    host, colon, port = address.rpartition(":")
+    if not colon or not host:
+        raise ValueError("expected tcp://HOST:PORT")
+    if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise ValueError(f"port {port!r} is not a number in 1..65535")
+    bracketed = host.startswith("[") and host.endswith("]") and ":" in host  # [IPv6]
+    if not is_host(host[1:-1] if bracketed else host):
+        raise ValueError(f"host {host!r} is not an IPv4/IPv6 address or host name")
+    return text
+
+
 class PeerEndpoint(Frozen):
     id: int = Field(ge=0)
     endpoint: str = Field(description="ZeroMQ endpoint the peer binds, e.g. tcp://127.0.0.1:7000")
     public_key: str | None = Field(default=None, description="Z85 CURVE public key (security on)")
 
+    _valid_endpoint = field_validator("endpoint")(classmethod(lambda cls, v: _check_endpoint(v)))
+
 
 class NetworkConfig(Frozen):
     """Where peers listen. If ``peers`` is empty, peer i binds ``tcp://{host}:{base_port + i}``."""
 
-    host: str = "127.0.0.1"
+    host: str = Field(default="127.0.0.1", description="IPv4/IPv6 address or host name")
+    _valid_host = field_validator("host")(classmethod(lambda cls, v: _check_host(v)))
     base_port: int = Field(default=27300, ge=1024, le=65000)
     peers: tuple[PeerEndpoint, ...] = ()
     phase_timeout_s: float = Field(default=10.0, gt=0.0, description="deadline of one gossip phase")
@@ -563,17 +609,32 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     except ValidationError as exc:
         err = exc.errors()[0]
         field = ".".join(str(p) for p in err["loc"])
+        reason = err["msg"].removeprefix("Value error, ")  # a validator's own words
         if not field:  # a check across sections: its message names the fields itself
-            raise ConfigError("", None, err["msg"].removeprefix("Value error, ")) from exc
-        raise ConfigError(field, err.get("input"), err["msg"]) from exc
+            raise ConfigError("", None, reason) from exc
+        raise ConfigError(field, err.get("input"), reason) from exc
 
 
 def _read_toml(path: str | Path, what: str) -> dict[str, Any]:
+    """A TOML file as a dict. A file that cannot be read, is not UTF-8 or not TOML is a
+    ConfigError naming it (``what``: the option that named it) and saying why."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(what, str(p), "no such file")
     try:
-        return tomllib.loads(p.read_text())
+        raw = p.read_bytes()
+    except FileNotFoundError as exc:
+        raise ConfigError(what, str(p), "no such file") from exc
+    except IsADirectoryError as exc:
+        raise ConfigError(what, str(p), "is a directory, not a file") from exc
+    except OSError as exc:
+        raise ConfigError(what, str(p), f"cannot read: {exc.strerror or exc}") from exc
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        reason = f"not UTF-8 text (byte 0x{raw[exc.start]:02x} on line {line}), so not a TOML file"
+        raise ConfigError(what, str(p), reason) from exc
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(what, str(p), f"not valid TOML: {exc}") from exc
 

@@ -11,18 +11,21 @@ the endpoints of its neighbours. Output folder (default ``runs/peer-<id>``): ``m
 (``{name: tensor}`` of the final parameters).
 
 Exit codes: 0 finished or stopped cleanly (SIGTERM/SIGINT: the current round finishes and a
-checkpoint is written), 1 the run failed, 2 a bad config, peer id or checkpoint (nothing started).
+checkpoint is written), 1 the run failed, 2 a bad config, peer id or checkpoint, or an endpoint
+that cannot be bound (nothing started; one ``error: ...`` line on stderr).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 import uvloop
@@ -30,12 +33,13 @@ import uvloop
 from demuon.app.peers import build_peer as build_one
 from demuon.app.peers import heir_of, leaves, peer_setup
 from demuon.config import Config, load_config, math_fingerprint
-from demuon.errors import ConfigError
+from demuon.errors import ConfigError, TransportError
 from demuon.node.checkpoint import load_checkpoint, remove_leftover_temp_files, restore
 from demuon.node.daemon import Control, Daemon, DaemonSettings, DaemonStatus, RoundHook, Service
 from demuon.node.gossip import Gossip, Inbound
 from demuon.node.peer import Peer
 from demuon.transport import wire
+from demuon.transport.base import Buffer, Transport
 from demuon.transport.faults import FaultyTransport, plan_from_config
 from demuon.workloads import make_workload
 
@@ -43,6 +47,16 @@ from demuon.workloads import make_workload
 SHUTDOWN_LINGER_MS = 1000
 
 log = logging.getLogger("demuon.run")
+
+T = TypeVar("T")
+
+#: What to check when binding our own endpoint fails, by errno.
+BIND_HINTS = {
+    errno.EADDRINUSE: "is another peer running?",
+    errno.EADDRNOTAVAIL: "is the host an address of this machine?",
+    errno.ENODEV: "is the host an address or interface of this machine?",
+    errno.EACCES: "ports below 1024 need privileges",
+}
 
 
 def build_peer(config: Config, peer_id: int) -> Peer:
@@ -161,6 +175,68 @@ def build_daemon(
     )
 
 
+class _Started(Generic[T]):
+    """``inner`` once :func:`start_transport` has started it: ``start()`` is a no-op, the rest is
+    ``inner``'s (its optional members, e.g. ``wait_ready`` and ``injected``, too)."""
+
+    def __init__(self, inner: Transport[T]) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    @property
+    def peer_id(self) -> int:
+        return self.inner.peer_id
+
+    @property
+    def rejected(self) -> Counter[str]:
+        return self.inner.rejected
+
+    async def start(self) -> None:
+        pass
+
+    async def send(self, targets: Sequence[int], frames: Sequence[Buffer]) -> None:
+        await self.inner.send(targets, frames)
+
+    async def recv(self) -> T:
+        return await self.inner.recv()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+def bind_error(exc: TransportError, peer: int, endpoint: str) -> TransportError:
+    """``exc`` with a hint, if it is ZeroMQ refusing to bind ``peer``'s own ``endpoint``."""
+    import zmq
+
+    cause = exc.__cause__
+    if exc.peer != peer or exc.endpoint != endpoint or not isinstance(cause, zmq.ZMQError):
+        return exc
+    if cause.errno is None:
+        return exc
+    hint = BIND_HINTS.get(cause.errno)
+    message = f"cannot bind {endpoint}: {zmq.strerror(cause.errno)}" + (f" ({hint})" if hint else "")
+    return TransportError(message, peer=peer, endpoint=endpoint)
+
+
+async def start_transport(config: Config, daemon: Daemon) -> None:
+    """Bind and connect before the daemon runs. A port that is taken or a host that is not this
+    machine's is the operator's to fix: it is raised (one TransportError, one line on the command
+    line), where inside ``Daemon.run`` it would be a run failure logged with its traceback."""
+    transport = daemon.transport
+    try:
+        await transport.start()
+    except TransportError as exc:
+        await daemon.close()
+        own = daemon.peer.index
+        raise bind_error(exc, own, config.endpoint(own)) from exc
+    except BaseException:
+        await daemon.close()
+        raise
+    daemon.transport = daemon.gossip.transport = _Started(transport)
+
+
 async def run_peer(config: Config, start: Start, out: Path) -> DaemonStatus:
     """Run the daemon (with MQTT telemetry when ``telemetry.mqtt_host`` is set)."""
     from demuon.node.telemetry import Telemetry
@@ -172,6 +248,16 @@ async def run_peer(config: Config, start: Start, out: Path) -> DaemonStatus:
         )
     else:
         daemon = build_daemon(config, start, out)
+    await start_transport(config, daemon)
+    log.info(
+        "peer %d of %d: %s on %s, %d rounds, listening on %s",
+        start.peer.index,
+        config.peers,
+        config.algorithm.name,
+        config.topology.name,
+        config.rounds,
+        config.endpoint(start.peer.index),
+    )
     return await daemon.run()
 
 
@@ -208,14 +294,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         load_checkpoint(config.checkpoint.dir or out / "checkpoint", args.peer, math_fingerprint(config))
     torch.set_num_threads(config.threads)
     with peer_logging(out, args.peer):
-        log.info(
-            "peer %d of %d: %s on %s, %d rounds",
-            args.peer,
-            config.peers,
-            config.algorithm.name,
-            config.topology.name,
-            config.rounds,
-        )
         start = prepare(config, args.peer, out, resume=args.resume)
         status = uvloop.run(run_peer(config, start, out))
     return 0 if status is DaemonStatus.STOPPED else 1
