@@ -24,6 +24,15 @@ intermediate evaluations).
    Announced leaves (``faults.peer.leave_at``), with a hand-off of the leaver's tracker mass and a
    re-weighting of the mixing matrix, are not built yet, so they are not measured here.
 
+4. One Byzantine peer (peer 5 of the logistic ring, ``--rounds`` rounds): it trains honestly but
+   every message it sends is replaced (``demuon.node.exchange.Poison``), by 1e30 in every entry or
+   by −4 × the honest message, in both phases; the guard ``gossip.clip = "self_centred"``
+   (docs/algorithms.md §8.1) off and on at several ``clip_multiple`` values, and the fault-free run
+   with the guard off and on (its cost). Validation loss of the honest peers' averaged model,
+   their consensus error, their tracking drift (counting what is in flight between them) and the
+   share of the neighbour values they used that the guard clipped. ``--only byzantine`` runs this
+   scenario alone (about 1 min on 2 CPU cores).
+
 Columns: validation loss of the averaged model at the last round; consensus error at the last
 round; tracking drift = summary["tracking_drift"], the final ‖mean V + in-flight − mean M‖ /
 ‖mean M‖ (relative); worst gap = max over rounds of ``tracking_gap_in_flight``, the absolute
@@ -31,7 +40,7 @@ round; tracking drift = summary["tracking_drift"], the final ‖mean V + in-flig
 waited for in vain, summed over peers and rounds).
 
     python bench/faults.py [--rounds 300] [--gpt-rounds 100] [--no-gpt] [--out runs/bench-faults]
-                           [--quick] [--json]
+                           [--quick] [--json] [--only byzantine]
 
 Writes ``faults.png`` and every row as ``faults.json`` under ``--out`` (``faults-quick.*`` with
 ``--quick``). A full run took 11 min on 2 CPU cores: 1.2 min logistic drop sweep, 6.8 min GPT drop
@@ -55,12 +64,16 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import torch
 from rich.console import Console
 from rich.table import Table
 
 from demuon.app import simulate
+from demuon.app.peers import build_peers
 from demuon.config import Config, config_from_dict, load_config
-from demuon.node.observe import averaged_validation_loss
+from demuon.node.exchange import ExactExchange, Poison
+from demuon.node.observe import TrackerState, averaged_validation_loss, consensus_error, tracking_drift
+from demuon.node.peer import Peer
 from demuon.workloads import make_workload
 
 POLICIES = ("self_weight", "running_sum")
@@ -73,6 +86,13 @@ LEAVER = 5
 FAULT_SEED = 7
 PEERS = 8
 DEMO = "demo-simulate.toml"
+BYZANTINE = 5
+ATTACKS: dict[str, Poison | None] = {
+    "none": None,
+    "1e30": Poison(BYZANTINE, value=1e30),
+    "−4 × honest": Poison(BYZANTINE, scale=-4.0),
+}
+CLIP_MULTIPLES = (1.0, 2.0, 4.0)  # 2.0 is the default of gossip.clip_multiple
 
 
 @dataclass(frozen=True)
@@ -159,6 +179,81 @@ def measure(case: Case, rounds: int) -> dict[str, Any]:
         row["survivors_val_loss"] = survivors_val_loss(res, [i for i in range(PEERS) if i != LEAVER])
     row["wall_s"] = time.perf_counter() - start
     return row
+
+
+def byzantine_config(rounds: int, multiple: float | None) -> Config:
+    """The logistic ring of the other scenarios; ``multiple`` None = guard off."""
+    data = logistic_config(Case("logistic", "ring", "byzantine", 0, "running_sum"), rounds).model_dump()
+    if multiple is not None:
+        data["gossip"].update(clip="self_centred", clip_multiple=multiple)
+    return config_from_dict(data)
+
+
+def run_poisoned(config: Config, poison: Poison | None) -> list[Peer]:
+    """``config.rounds`` simulated rounds, with ``poison`` replacing one peer's messages."""
+    torch.set_num_threads(config.threads)
+    peers, _, _ = build_peers(config)
+    exchange = ExactExchange(peers, poison=poison)
+
+    async def rounds() -> None:
+        for k in range(config.rounds):
+            await simulate.simulate_round_async(peers, k, exchange)
+
+    simulate.run_sync(rounds(), config.threads)
+    return peers
+
+
+def measure_byzantine(attack: str, multiple: float | None, rounds: int) -> dict[str, Any]:
+    config, poison = byzantine_config(rounds, multiple), ATTACKS[attack]
+    start = time.perf_counter()
+    peers = run_poisoned(config, poison)
+    honest = [p for p in peers if poison is None or p.index != poison.sender]
+    workload = make_workload(config.workload, seed=config.seed, device=honest[0].device)
+    states = [p.X() for p in honest]
+    used = sum(len(p.view(0).in_neighbours) for p in honest) * len(honest[0].phases) * rounds
+    return {
+        "workload": "logistic",
+        "graph": "ring",
+        "scenario": "byzantine",
+        "level": 0,
+        "policy": "running_sum",
+        "rounds": rounds,
+        "attack": attack,
+        "clip_multiple": multiple,
+        "final_val_loss": averaged_validation_loss(
+            workload, config.seed, states, device=honest[0].device, dtype=honest[0].dtype
+        ),
+        "consensus_error": consensus_error(honest),
+        "tracking_drift": tracking_drift([TrackerState.of(p, rounds - 1) for p in honest]),
+        "largest_entry": max(float(t.abs().max()) for x in states for t in x.values()),
+        "clipped_share": sum(p.clipped for p in honest) / used,
+        "wall_s": time.perf_counter() - start,
+    }
+
+
+def byzantine_cases(quick: bool) -> Iterator[tuple[str, float | None]]:
+    for attack in ATTACKS:
+        for multiple in (None, *((2.0,) if quick else CLIP_MULTIPLES)):
+            yield attack, multiple
+
+
+def byzantine_table(rows: Sequence[Mapping[str, Any]], title: str) -> Table:
+    t = Table(title=title)
+    cols = ["peer 5 sends", "guard", "val loss (honest avg)", "consensus error", "tracking drift (rel.)"]
+    for c in [*cols, "largest |X| entry", "clipped"]:
+        t.add_column(c, justify="right")
+    for r in rows:
+        if r["scenario"] != "byzantine":
+            continue
+        m = r["clip_multiple"]
+        guard = "off" if m is None else f"c = {m:g}"
+        sent = "honest (fault-free)" if r["attack"] == "none" else r["attack"]
+        t.add_row(
+            sent, guard, _g(r["final_val_loss"], ".4f"), _g(r["consensus_error"], ".3g"),
+            _g(r["tracking_drift"], ".3g"), _g(r["largest_entry"], ".3g"),
+            f"{100 * r['clipped_share']:.1f} %",
+        )  # fmt: skip
+    return t
 
 
 def cases(quick: bool, gpt: bool) -> Iterator[Case]:
@@ -284,11 +379,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("runs/bench-faults"))
     ap.add_argument("--quick", action="store_true", help="40 logistic rounds, two levels, no GPT (smoke run)")
     ap.add_argument("--json", action="store_true", help="print every row as JSON instead of the tables")
+    ap.add_argument("--only", choices=["byzantine"], help="run one scenario alone")
     args = ap.parse_args(argv)
     rounds = {"logistic": 40 if args.quick else args.rounds, "gpt": args.gpt_rounds}
     gpt = not (args.quick or args.no_gpt)
     console = Console(stderr=True)
-    todo = list(cases(args.quick, gpt))
+    todo = [] if args.only else list(cases(args.quick, gpt))
     measured: dict[Case, dict[str, Any]] = {}
     rows: list[dict[str, Any]] = []
     start = time.perf_counter()
@@ -306,22 +402,44 @@ def main(argv: list[str] | None = None) -> int:
             f", missing {row['missing']} ({note}, {time.perf_counter() - start:.0f} s in all)",
             soft_wrap=True,
         )
-    path = args.out / ("faults-quick.png" if args.quick else "faults.png")
-    plot(rows, path, rounds)
+    byzantine = list(byzantine_cases(args.quick))
+    for n, (attack, multiple) in enumerate(byzantine, 1):
+        rows.append(measure_byzantine(attack, multiple, rounds["logistic"]))
+        r, guard = rows[-1], "off" if multiple is None else f"c = {multiple:g}"
+        console.print(
+            f"[byzantine {n:>2}/{len(byzantine)}] peer {BYZANTINE} sends {attack:>12}, guard {guard:>7}: "
+            f"val {r['final_val_loss']:.4f}, consensus {r['consensus_error']:.3g} "
+            f"({r['wall_s']:.1f} s, {time.perf_counter() - start:.0f} s in all)",
+            soft_wrap=True,
+        )
+    stem = ("byzantine" if args.only else "faults") + ("-quick" if args.quick else "")
+    path = args.out / f"{stem}.png"
+    if not args.only:
+        plot(rows, path, rounds)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
     wall = time.perf_counter() - start
+    out = Console() if sys.stdout.isatty() else Console(width=200)  # a pipe: do not cut columns
+    lr, gr = rounds["logistic"], rounds["gpt"]
+    byzantine_title = (
+        f"4. peer {BYZANTINE} Byzantine, gossip.clip = self_centred off and on: "
+        f"logistic ring, {lr} rounds (float64)"
+    )
     if args.json:
         print(json.dumps(rows, indent=2))
+    elif args.only:
+        out.print(byzantine_table(rows, byzantine_title))
+        out.print(f"rows: {path.with_suffix('.json')}; {len(byzantine)} runs, {wall:.0f} s")
     else:
-        out = Console() if sys.stdout.isatty() else Console(width=200)  # a pipe: do not cut columns
-        lr, gr = rounds["logistic"], rounds["gpt"]
         where = f"logistic {lr} rounds (float64)" + (f", GPT ring {gr} rounds (float32)" if gpt else "")
         out.print(table(rows, "drop", f"1. drop rate, every link, both phases: {where}"))
         out.print(table(rows, "partition", f"2. halves {HALVES} from round {CUT_FROM}: logistic {lr} rounds"))
         out.print(
             table(rows, "departure", f"3. peer {LEAVER} cut off from round {CUT_FROM} to the end: {where}")
         )
-        out.print(f"plot: {path}, rows: {path.with_suffix('.json')}; {len(measured)} runs, {wall:.0f} s")
+        out.print(byzantine_table(rows, byzantine_title))
+        runs = len(measured) + len(byzantine)
+        out.print(f"plot: {path}, rows: {path.with_suffix('.json')}; {runs} runs, {wall:.0f} s")
     return 0
 
 

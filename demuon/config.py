@@ -205,6 +205,26 @@ class GossipConfig(Frozen):
         description="running sums: after this many tracker messages lost in a row from one neighbour, "
         "its weight goes to self until it is heard again (then what that lent is taken back)",
     )
+    clip: Literal["off", "self_centred"] = Field(
+        default="off",
+        description="exact mode: self_centred replaces each neighbour's value Z_j by "
+        "Z_i + clip(Z_j − Z_i, τ), a guard against poisoned values from an authenticated neighbour "
+        "(ClippedGossip, docs/algorithms.md §8.1); it changes fault-free results, so it is off by default",
+    )
+    clip_multiple: float = Field(
+        default=2.0,
+        gt=0.0,
+        description="self_centred: τ = clip_multiple × the largest of this peer's own ‖Y_i − X_i‖ "
+        "(phase X) or ‖M_i‖ (phase V, where the running sums S_j are clipped against S_i) over the last "
+        "clip_window rounds",
+    )
+    clip_window: int = Field(default=10, ge=1, description="self_centred: rounds the τ rule looks back over")
+
+    @model_validator(mode="after")
+    def _clip_needs_exact_mixing(self) -> GossipConfig:
+        if self.clip != "off" and not (self.codec.kind == "identity" and self.gamma == 1.0):
+            raise ValueError("gossip.clip = self_centred needs exact mixing (identity codec, gamma = 1)")
+        return self
 
 
 # ------------------------------------------------------------------------------------ faults

@@ -16,6 +16,11 @@ by the same function from the same key ``(round, phase)``: dropped (and partitio
 arrive; corrupted ones are caught (counted ``rejected``) and never applied; duplicates arrive once
 (the extra copies counted ``duplicate``); delayed ones miss their round (counted ``late``). The
 sender counts every fault injected into its messages.
+
+For tests and benchmarks of the guard (docs/algorithms.md §8.1), a :class:`Poison` makes one peer
+Byzantine: it computes and keeps its honest state, but every receiver decodes what the poison makes
+of its message (every entry a constant such as 1e30, or ``scale`` × the honest message). It is
+not a config setting: a run with one is built in code (``ExactExchange(peers, poison=...)``).
 """
 
 from __future__ import annotations
@@ -38,6 +43,23 @@ FATE_COUNTS = {"drop": "dropped", "corrupt": "rejected", "delay": "late", "dupli
 
 
 @dataclass(frozen=True)
+class Poison:
+    """Peer ``sender`` turned Byzantine in ``phases``: what it sends decodes as ``value`` in every
+    entry when ``value`` is set, else as ``scale`` × its honest message (in phase V with running
+    sums the message is the sum S, so ``scale`` multiplies every increment too)."""
+
+    sender: int
+    value: float | None = None  # e.g. 1e30: a finite, absurd value
+    scale: float = 1.0  # e.g. −4: sign-flipped and scaled
+    phases: tuple[str, ...] = ("V", "X")
+
+    def apply(self, decoded: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.value is not None:
+            return {n: torch.full_like(t, self.value) for n, t in decoded.items()}
+        return {n: t * self.scale for n, t in decoded.items()}
+
+
+@dataclass(frozen=True)
 class Posted:
     decoded: dict[str, torch.Tensor]  # as every receiver decodes it
     keyframe: bool
@@ -57,9 +79,12 @@ def message_size(peer: Peer, k: int, phase: str, encoded: Mapping[str, Encoded],
 class ExactExchange:
     """The barrier every simulated peer meets once per ``(round, phase)``."""
 
-    def __init__(self, peers: Sequence[Peer], plan: FaultPlan | None = None) -> None:
+    def __init__(
+        self, peers: Sequence[Peer], plan: FaultPlan | None = None, *, poison: Poison | None = None
+    ) -> None:
         self.peers = {p.index: p for p in peers}
         self.plan = plan if plan is not None and plan.rules else None
+        self.poison = poison
         self._posted: dict[tuple[int, str], dict[int, Posted]] = {}
         self._complete: dict[tuple[int, str], asyncio.Event] = {}
         self._taken: dict[tuple[int, str], int] = {}
@@ -82,7 +107,10 @@ class ExactExchange:
             raise RuntimeError(f"peer {index} posted ({k}, {phase}) twice")
         size = message_size(peer, k, phase, encoded, keyframe)
         fates = {t: self._fate(index, t, k, phase) for t in peer.recipients(k)}
-        box[index] = Posted(peer.decode(encoded, phase, keyframe=keyframe), keyframe, size, fates)
+        decoded = peer.decode(encoded, phase, keyframe=keyframe)
+        if self.poison is not None and self.poison.sender == index and phase in self.poison.phases:
+            decoded = self.poison.apply(decoded)
+        box[index] = Posted(decoded, keyframe, size, fates)
         complete = self._complete.setdefault(key, asyncio.Event())
         if len(box) == len(self.peers):
             complete.set()

@@ -13,6 +13,10 @@ Baselines (docs/algorithms.md §3): DSGD ``Y = X − ηG`` (phase "X" only); DSG
 clipping the whole-model gradient to ``τ_k = 0.1·k^0.4``; GT-DSGD ``U = V + G − G_prev``, ``Y = X − ηV``;
 GT-NSGDm DeMuon's M/V recursions with ``Y = X − η V/‖V‖`` (norm over all parameters jointly).
 
+The optional guard (docs/algorithms.md §8.1) replaces a neighbour's ``Z_j`` by
+``Z_i + clip(Z_j − Z_i, τ)`` (:func:`clip_to`), with ``τ = c · max ‖own update‖`` over the last
+rounds (:func:`guard_threshold`).
+
 Which functions make up each algorithm is :mod:`demuon.node.algorithms`' registry; the stacked
 float64 oracle that tests hold the per-peer composition equal to is :mod:`demuon.node.reference`.
 No function modifies its inputs.
@@ -178,6 +182,43 @@ def gt_nsgdm_direction(V: Mapping[str, Tensor]) -> TensorDict:
     # V: whole-model mixed tracker, not modified.
     norm = global_norm(V)
     return {n: safe_divide(v, norm.to(device=v.device, dtype=v.dtype)) for n, v in V.items()}
+
+
+# ------------------------------------------------------- self-centred clipping (the guard)
+
+
+def clip_factor(v: Mapping[str, Tensor], tau: float) -> float:
+    """``min(1, τ/‖v‖)`` with ``‖v‖`` the Euclidean norm over the whole model, taken in float64
+    (docs/algorithms.md §8.1); 1 for ``v = 0``, 0 when ``‖v‖`` is not finite."""
+    # v: whole-model difference Z_j − Z_i, not modified; tau: threshold τ ≥ 0.
+    squares = [torch.linalg.vector_norm(t, dtype=torch.float64) ** 2 for t in v.values()]
+    norm = float(torch.stack(squares).sum().sqrt()) if squares else 0.0
+    if not math.isfinite(norm):
+        return 0.0
+    return 1.0 if norm <= tau else tau / norm
+
+
+def clip_to(z_self: Mapping[str, Tensor], z_j: Mapping[str, Tensor], tau: float) -> TensorDict:
+    """``Z_i + clip(Z_j − Z_i, τ)``, ``clip(v, τ) = v · min(1, τ/‖v‖)`` over the whole model: a
+    neighbour's value moved to within τ of the own value Z_i (ClippedGossip, docs/algorithms.md §8.1).
+
+    Inside the ball (``‖Z_j − Z_i‖ ≤ τ``) the neighbour's own tensors come back unchanged, so a
+    guard that never binds leaves every sum bitwise as it was; a difference that is not finite
+    gives ``Z_i`` (the neighbour is ignored)."""
+    # z_self: own pre-mix value Z_i; z_j: neighbour's value, same names and dtype; tau: τ ≥ 0. None modified.
+    diff = {n: z_j[n] - z for n, z in z_self.items()}
+    factor = clip_factor(diff, tau)
+    if factor >= 1.0:
+        return dict(z_j)
+    if factor == 0.0:  # τ = 0, or a difference that is not finite (0 · inf would be NaN)
+        return dict(z_self)
+    return {n: z + factor * diff[n] for n, z in z_self.items()}
+
+
+def guard_threshold(own_updates: Sequence[float], multiple: float) -> float:
+    """``τ = c · max_t ‖own update_t‖`` over the recent rounds given (docs/algorithms.md §8.1)."""
+    # own_updates: this peer's own local-update norms of the phase, newest last; multiple: c > 0.
+    return multiple * max(own_updates, default=0.0)
 
 
 def mix_dicts(terms: Sequence[tuple[float, Mapping[str, Tensor]]]) -> TensorDict:

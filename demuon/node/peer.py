@@ -24,6 +24,13 @@ Missing-neighbour policy: a neighbour whose message did not arrive in time contr
 to self for that round (exact: ``w_ij Z_i``; compressed: its replica term is dropped, since
 ``Ẑ_i − Ẑ_i = 0``), and it is reported in the :class:`MixReport`. With compression a miss also
 marks that neighbour's replica stale until its next keyframe: stale replicas are treated as missing.
+
+Optional guard (``gossip.clip = "self_centred"``, exact mode, docs/algorithms.md §8.1): before the
+sum, every arrived neighbour value is replaced by ``Z_i + clip(Z_j − Z_i, τ)``: ``Y_j`` against
+``Y_i`` in phase X, and in phase V the running sum ``S_j`` against the own ``S_i`` (``U_j`` against
+``U_i`` without running sums). ``τ = clip_multiple · max s_i`` over the last ``clip_window`` rounds,
+``s_i = ‖Y_i − X_i‖`` (phase X) or ``‖M_i‖`` (phase V): the peer's own numbers only.
+Off, the mix is the code path it always was; on but never binding, the sums are bitwise the same.
 """
 
 from __future__ import annotations
@@ -61,6 +68,7 @@ class MixReport:
     received: tuple[int, ...]
     missing: tuple[int, ...]
     keyframes: tuple[int, ...] = ()
+    clipped: tuple[int, ...] = ()  # senders whose value the guard moved (docs/algorithms.md §8.1)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -202,6 +210,15 @@ class Peer:
         self.R: dict[str, dict[int, TensorDict]] = {
             ph: {j: dict(t) for j, t in sums.items()} for ph in self.phases
         }
+        # Self-centred clipping (docs/algorithms.md §8.1): this peer's own scale per phase, newest
+        # last (‖Y − X‖ in phase X, ‖M‖ in phase V), the last clip_window of them; τ is
+        # clip_multiple times their largest. The config admits it in exact mode only.
+        self.clip = gossip.clip == "self_centred"
+        self.clip_multiple = gossip.clip_multiple
+        self.clip_window = gossip.clip_window
+        self.own_updates: dict[str, list[float]] = {ph: [] for ph in self.phases}
+        self.clipped = 0  # neighbour values the guard moved, over the run
+        self._clipped_now: tuple[int, ...] = ()
 
     # ------------------------------------------------------------------ helpers
     def _zeros(self, dtype: torch.dtype | None = None) -> TensorDict:
@@ -291,6 +308,8 @@ class Peer:
         (compressed only) sends the full updated replica ``Ẑ_self`` instead."""
         Z = self._pre_mix(phase, k)
         self._pending[phase] = Z
+        if self.clip:
+            self._record_own_update(phase, Z)
         if self.exact and phase == "V" and self.running_sums:
             self.S = {n: self.S[n] + z.to(SUM_DTYPE) for n, z in Z.items()}
             return {n: self.codec.encode(s, seed=0) for n, s in self.S.items()}
@@ -315,6 +334,28 @@ class Peer:
                     }
                 )
             return full
+        return out
+
+    def _record_own_update(self, phase: str, Z: TensorDict) -> None:
+        """Remember this round's own scale of ``phase``: the local step ``‖Y_i − X_i‖`` in phase X,
+        the momentum ``‖M_i‖`` in phase V (the honest spread of the trackers' running sums grows
+        with it, not with one round's ``‖U − V‖``). Neither is what a neighbour sent, and a
+        neighbour moves neither directly (``‖U_i‖`` would let it raise τ round after round)."""
+        own = self.M if phase == "V" else {n: Z[n] - x for n, x in self.X().items()}
+        norms = self.own_updates.setdefault(phase, [])
+        norms.append(float(optim.global_norm(own)))
+        del norms[: -self.clip_window]
+
+    def tau(self, phase: str) -> float:
+        """τ of the guard for ``phase`` this round (docs/algorithms.md §8.1)."""
+        return optim.guard_threshold(self.own_updates.get(phase, []), self.clip_multiple)
+
+    def _guard(self, Z: TensorDict, theirs: dict[int, TensorDict], tau: float) -> dict[int, TensorDict]:
+        """Each neighbour's value moved to within τ of ``Z`` (``optim.clip_to``); counts who was moved."""
+        out = {j: optim.clip_to(Z, z_j, tau) for j, z_j in theirs.items()}
+        moved = tuple(j for j in out if any(out[j][n] is not theirs[j][n] for n in self.names))
+        self._clipped_now += moved
+        self.clipped += len(moved)
         return out
 
     def pending(self, phase: str) -> TensorDict:
@@ -352,10 +393,12 @@ class Peer:
         (phase V → V; phase X → the model's parameters)."""
         Z = self._pending.pop(phase)
         view = self.view(k)
+        tau = self.tau(phase) if self.clip else None
+        self._clipped_now = ()
         if self.exact and phase == "V" and self.running_sums:
-            new, missing = self._mix_sums(view, k, Z, received)
+            new, missing = self._mix_sums(view, k, Z, received, tau)
         elif self.exact:
-            new, missing = self._mix_exact(view, Z, received)
+            new, missing = self._mix_exact(view, Z, received, tau)
         else:
             new, missing = self._mix_replicas(phase, view, Z, received, keyframes)
         if phase == "V":
@@ -364,14 +407,36 @@ class Peer:
             with torch.no_grad():
                 for n, p in self.params.items():
                     p.copy_(new[n])
-        return MixReport(phase, k, tuple(sorted(received)), missing, tuple(sorted(keyframes & set(received))))
+        return MixReport(
+            phase,
+            k,
+            tuple(sorted(received)),
+            missing,
+            tuple(sorted(keyframes & set(received))),
+            tuple(sorted(self._clipped_now)),
+        )
 
     def _mix_exact(
-        self, view: PeerView, Z: TensorDict, received: Mapping[int, Mapping[str, torch.Tensor]]
+        self,
+        view: PeerView,
+        Z: TensorDict,
+        received: Mapping[int, Mapping[str, torch.Tensor]],
+        tau: float | None = None,  # the guard's τ (docs/algorithms.md §8.1); None: off
     ) -> tuple[TensorDict, tuple[int, ...]]:
         missing = tuple(j for j, _ in view.in_neighbours if j not in received)
         w_self = view.self_weight + sum(w for j, w in view.in_neighbours if j in missing)
         out: TensorDict = {}
+        if tau is not None:
+            theirs = {
+                j: {n: received[j][n].to(self.device) for n in self.names}
+                for j, _ in view.in_neighbours
+                if j in received
+            }
+            guarded = self._guard(Z, theirs, tau)
+            for n, z in Z.items():
+                terms = [(w_self, z)] + [(w, guarded[j][n]) for j, w in view.in_neighbours if j in guarded]
+                out[n] = optim.mix(terms)
+            return out, missing
         for n, z in Z.items():
             terms = [(w_self, z)]
             terms += [(w, received[j][n].to(self.device)) for j, w in view.in_neighbours if j in received]
@@ -379,7 +444,12 @@ class Peer:
         return out, missing
 
     def _mix_sums(
-        self, view: PeerView, k: int, U: TensorDict, received: Mapping[int, Mapping[str, torch.Tensor]]
+        self,
+        view: PeerView,
+        k: int,
+        U: TensorDict,
+        received: Mapping[int, Mapping[str, torch.Tensor]],
+        tau: float | None = None,  # the guard's τ (docs/algorithms.md §8.1); None: off
     ) -> tuple[TensorDict, tuple[int, ...]]:
         """``V_i = w_ii U_i + Σ_j w_ij (S_j − ρ_j)`` over the senders that arrived, then ``ρ_j = S_j``.
         A missing sender contributes nothing now: its mass stays in flight (``S_j − ρ_j``) and
@@ -389,7 +459,12 @@ class Peer:
         weight to self (``w_ij U_i``, so the row still sums to one and a neighbour gone for good
         costs no more than with the old policy); this peer remembers the loan in ``B_j`` and takes
         it back out of the first sum the sender delivers, so the mass still balances
-        (docs/algorithms.md §8)."""
+        (docs/algorithms.md §8).
+
+        With the guard on, the sum is clipped, not the increment: ``S_j`` is moved to within τ of the
+        own ``S_i`` and ``ρ_j`` becomes the clipped sum, so a neighbour's whole cumulative effect
+        through this link stays within ``w_ij τ`` of an honest one, and what the guard held back
+        from an honest neighbour arrives once its sum is back inside (docs/algorithms.md §8.1)."""
         missing = tuple(j for j, _ in view.in_neighbours if j not in received)
         delta: dict[int, TensorDict] = {}
         repaid: dict[int, TensorDict] = {}
@@ -397,6 +472,8 @@ class Peer:
         for j, w in view.in_neighbours:
             if j in received and self.rho_round.get(j) != k:
                 S_j = {n: received[j][n].to(self.device, SUM_DTYPE, copy=True) for n in self.names}
+                if tau is not None:
+                    S_j = self._guard(self.S, {j: S_j}, tau)[j]
                 delta[j] = {n: (S_j[n] - self.rho[j][n]).to(self.dtype) for n in self.names}
                 self.rho[j], self.rho_round[j] = S_j, k
                 self.v_misses[j] = 0
@@ -514,6 +591,8 @@ class Peer:
             "B": {j: _to_cpu(b) for j, b in self.B.items()},
             "R_self": {ph: _to_cpu(r) for ph, r in self.R_self.items()},
             "R": {ph: {j: _to_cpu(r) for j, r in rs.items()} for ph, rs in self.R.items()},
+            "own_updates": {ph: list(v) for ph, v in self.own_updates.items()},
+            "clipped": self.clipped,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -537,6 +616,9 @@ class Peer:
         self.R = {
             ph: {int(j): dev(r) for j, r in rs.items()} for ph, rs in state.get("R", {}).items()
         } or self.R
+        saved = state.get("own_updates", {})
+        self.own_updates = {ph: [float(x) for x in saved.get(ph, [])] for ph in self.phases}
+        self.clipped = int(state.get("clipped", 0))
 
 
 def _to_cpu(d: TensorDict) -> TensorDict:
