@@ -444,11 +444,32 @@ class NetworkConfig(Frozen):
         description="stop: checkpoint and exit (resume later); leave: hand the tracker share to a "
         "neighbour, tell the others, exit for good",
     )
-    heartbeat_ms: int = Field(default=1000, ge=0)
+    heartbeat_ms: int = Field(
+        default=1000,
+        ge=0,
+        description="ZMTP heartbeat of the outgoing links (0 = off; never on the listener)",
+    )
+    reject_budget: int = Field(
+        default=100,
+        ge=1,
+        description="rejected messages from one sender within mute_s before it is ignored for mute_s",
+    )
+    mute_s: float = Field(
+        default=30.0, gt=0.0, description="how long a sender over its reject budget is ignored"
+    )
 
 
 class SecurityConfig(Frozen):
-    enabled: bool = False
+    """CURVE on every link. Left unset, ``launch`` and ``compose`` generate keys for the cluster
+    and turn it on, and ``run`` goes without only when every endpoint it binds or reaches is
+    loopback; ``false`` turns it off explicitly (any process that reaches a port can then steer the
+    run: README, "Security")."""
+
+    enabled: bool | None = Field(
+        default=None,
+        description="CURVE on every link (unset: on for launch and compose, keys generated; run "
+        "refuses a non-loopback endpoint without it)",
+    )
     key_dir: Path | None = Field(default=None, description="folder with peer-<id>.key_secret files")
 
 

@@ -392,6 +392,26 @@ def check_peer_faults(config: Config) -> None:
             )
 
 
+def cluster_security(config: Config, out: Path) -> list[str]:
+    """The overrides that turn CURVE on for every peer: with ``security.enabled`` unset (or on
+    without a key folder), a keypair per peer is generated in ``out/keys`` (kept with the run, so a
+    restarted or resumed peer finds its key again). Nothing when security is on with its keys, or
+    off on purpose (said on the console)."""
+    sec = config.security
+    if sec.enabled is False:
+        console.print("[yellow]security.enabled = false:[/yellow] the links are open to any local process")
+        return []
+    if sec.enabled and sec.key_dir is not None:
+        return []
+    from demuon.transport.security import generate_keys
+
+    keys = out / "keys"
+    missing = [i for i in range(config.peers) if not (keys / f"peer-{i}.key_secret").is_file()]
+    if missing:
+        generate_keys(keys, missing)
+    return ["security.enabled=true", f"security.key_dir={json.dumps(str(keys.resolve()))}"]
+
+
 def run_cluster(
     args: argparse.Namespace,
     config_path: Path,
@@ -406,6 +426,7 @@ def run_cluster(
     extra = ("--faults", str(Path(args.faults).resolve())) if args.faults else ()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    overrides = [*overrides, *cluster_security(config, out)]
     start = time.monotonic()
     peers: list[PeerProcess] = []
     interrupted = False

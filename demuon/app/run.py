@@ -87,12 +87,33 @@ def daemon_settings(config: Config, peer_id: int | None = None) -> DaemonSetting
     )
 
 
+def check_security(config: Config, peer_id: int) -> None:
+    """With ``security.enabled`` unset, a peer runs without CURVE only if every endpoint it binds
+    or connects to is loopback; otherwise it refuses to start, saying how to choose."""
+    if config.security.enabled is not None:
+        return
+    from demuon.transport.security import is_loopback
+
+    ids = [peer_id, *sorted(j for j in range(config.peers) if j != peer_id)]
+    wide = next((config.endpoint(j) for j in ids if not is_loopback(config.endpoint(j))), None)
+    if wide is not None:
+        raise ConfigError(
+            "security.enabled",
+            "unset",
+            f"peer {peer_id} would use {wide} (beyond loopback) without CURVE: set security.enabled = true "
+            "and security.key_dir (demuon keys generate DIR --peers N), or security.enabled = false to "
+            "run open on purpose",
+        )
+
+
 def build_transport(config: Config, peer: Peer, gossip: Gossip) -> Any:
     """A ZeroMQ transport bound at ``config.endpoint(id)`` with DEALERs to every recipient over
     the topology's period; CURVE when ``security.enabled``."""
+    from demuon.transport.base import RejectBudget
     from demuon.transport.security import load_keys, load_public_keys
     from demuon.transport.zeromq import ZmqTransport
 
+    check_security(config, peer.index)
     targets = sorted({j for k in range(len(peer.views)) for j in peer.recipients(k)})
     curve, public = None, None
     if config.security.enabled:
@@ -101,6 +122,9 @@ def build_transport(config: Config, peer: Peer, gossip: Gossip) -> Any:
         curve = load_keys(config.security.key_dir, peer.index)
         public = dict(load_public_keys(config.security.key_dir))
         public.update({p.id: p.public_key.encode() for p in config.network.peers if p.public_key})
+        log.info("CURVE on: keys of %d peers from %s", len(public), config.security.key_dir)
+    else:
+        log.info("CURVE off: any process that reaches %s can send to this peer", config.endpoint(peer.index))
     net = config.network
     transport = ZmqTransport[Inbound](
         peer.index,
@@ -110,6 +134,9 @@ def build_transport(config: Config, peer: Peer, gossip: Gossip) -> Any:
         hwm=net.hwm,
         heartbeat_ms=net.heartbeat_ms,
         linger_ms=SHUTDOWN_LINGER_MS,
+        max_frame_bytes=gossip.max_frame_bytes,  # a larger frame is refused before it is buffered
+        senders=gossip.senders,
+        budget=RejectBudget(net.reject_budget, net.mute_s),
         curve=curve,
         public_keys=public,
     )
@@ -290,6 +317,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not 0 <= args.peer < config.peers:
         raise ConfigError("--peer", args.peer, f"must be in 0..{config.peers - 1} (peers = {config.peers})")
     out = Path(args.out) if args.out else Path("runs") / f"peer-{args.peer}"
+    check_security(config, args.peer)
     if args.resume:  # fail before creating anything when there is nothing to resume from
         load_checkpoint(config.checkpoint.dir or out / "checkpoint", args.peer, math_fingerprint(config))
     torch.set_num_threads(config.threads)

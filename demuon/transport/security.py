@@ -14,6 +14,7 @@ check that the routing identity a client claims is the one its key belongs to.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import re
@@ -161,3 +162,21 @@ class ZapAllowList(Authenticator):
                     await self.handle_zap_message(self.zap_socket.recv_multipart())
         finally:
             poller.unregister(self.zap_socket)
+
+
+def is_loopback(endpoint: str) -> bool:
+    """Whether a ZeroMQ endpoint stays on this machine: ``ipc://`` and ``inproc://``, or
+    ``tcp://`` to a loopback address (127.0.0.0/8, ::1) or ``localhost``. A wildcard or any other
+    host is not (it can be reached, or reach out, beyond this machine)."""
+    scheme, _, address = endpoint.partition("://")
+    if scheme in ("ipc", "inproc"):
+        return True
+    if scheme != "tcp":
+        return False
+    host = address.rpartition(":")[0].removeprefix("[").removesuffix("]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

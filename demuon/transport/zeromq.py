@@ -18,7 +18,7 @@ DEALERs only, never on the ROUTER. libzmq 4.3.x aborts the process (``Assertion 
 !_io_error (src/stream_engine_base.cpp:310)``) when a listener's heartbeat times out a connection
 whose input is stopped by a full receive pipe and a new connection with the same routing identity
 takes the pipe over (ROUTER_HANDOVER): any client that can reach the port could trigger it by
-flooding from three connections with one identity (docs/design.md §7.2). With no heartbeat on
+flooding from three connections with one identity (docs/design.md §8). With no heartbeat on
 the listener, the same flood is harmless (``tests/integration/test_hostile_traffic.py``); the
 DEALERs still detect a dead neighbour by its missing PONGs.
 

@@ -19,7 +19,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import aiomqtt
@@ -32,6 +32,7 @@ from tests.support.broker import mosquitto, needs_broker
 from tests.support.cluster import CONFIGS, endpoints_setting, free_ports
 
 ORACLE = CONFIGS / "oracle-ring4.toml"
+ROOT = CONFIGS.parents[1]
 #: Peers of the generated cluster file (the compose test writes one of 4).
 N_PEERS = 2
 ROUNDS = 6
@@ -58,13 +59,21 @@ def launch_argv(config: Path, out: Path, overrides: Sequence[str] = (), *extra: 
     return argv + [arg for item in overrides for arg in ("--set", item)]
 
 
-def launch_and_simulate(tmp_path: Path, sets: Sequence[str] = (), *extra: str) -> tuple[Path, Path, bytes]:
+def launch_and_simulate(
+    tmp_path: Path,
+    sets: Sequence[str] = (),
+    *extra: str,
+    during: Callable[[Path, Sequence[int], subprocess.Popen[bytes]], None] | None = None,
+) -> tuple[Path, Path, bytes]:
     """``demuon launch`` (loopback endpoints on free ports) and ``demuon simulate --out`` on the
-    oracle file with ``sets`` and the options ``extra`` (e.g. ``--faults F``). Returns (launch
-    folder, simulate folder, launch's output)."""
+    oracle file with ``sets`` and the options ``extra`` (e.g. ``--faults F``); ``during(out, ports,
+    proc)`` runs while the cluster does. Returns (launch folder, simulate folder, launch's output)."""
     config = load_config(ORACLE, list(sets))
     out = tmp_path / "launch"
-    with launched(ORACLE, out, [endpoints_setting(free_ports(config.peers)), *sets], *extra) as proc:
+    ports = free_ports(config.peers)
+    with launched(ORACLE, out, [endpoints_setting(ports), *sets], *extra) as proc:
+        if during is not None:
+            during(out, ports, proc)
         output, _ = proc.communicate(timeout=DEADLINE_S)
         logs = "\n".join(p.read_text()[-2000:] for p in sorted(out.glob("peer-*/stdout.txt")))
         assert proc.returncode == 0, output.decode() + logs
@@ -159,8 +168,13 @@ def test_compose_file_has_one_service_per_peer_with_name_based_endpoints(tmp_pat
         env = svc["environment"]
         config = load_config(cluster, environ=env)  # what the container reads
         assert config.endpoint(i) == f"tcp://peer-{i}:{config.network.base_port + i}"
+        assert config.security.enabled and str(config.security.key_dir) == "/keys"  # on by default
+        assert "./keys:/keys:ro" in svc["volumes"]
         assert config.telemetry.mqtt_host == "mosquitto"
         assert config.algorithm.lr == 0.05
+    assert sorted(p.name for p in (out.parent / "keys").glob("*.key_secret")) == [
+        f"peer-{i}.key_secret" for i in range(4)
+    ]
     assert cluster.read_text() == source.read_text()
 
 
@@ -191,10 +205,25 @@ async def test_an_mqtt_stop_ends_every_launched_peer_cleanly(tmp_path: Path) -> 
     assert [p["exit_code"] for p in data["peers"]] == [0] * N_PEERS
 
 
+def keyless_attacks(out: Path, ports: Sequence[int], proc: subprocess.Popen[bytes]) -> None:
+    """While the cluster runs, a process without a key claims to be peer 1 and sends peer 0
+    forged messages for every round (far-future ones included), 1e30-poisoned ones and replays:
+    launch turned CURVE on, so its handshake is refused and nothing of it reaches the peer."""
+    wait_for_round(out, proc, at_least=2)
+    argv = [sys.executable, "-m", "tests.support.attacker", "forge", str(ports[0]), "1", "19"]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, timeout=DEADLINE_S, check=True)
+    assert done.stdout.decode().split() == ["refused"]
+
+
 def test_launch_and_simulate_on_the_oracle_file_write_the_same_run_folder(tmp_path: Path) -> None:
     """docs/design.md §4's strongest check through the user-facing commands and the one result
-    schema: the same files, the same keys, the same final parameters."""
-    out, sim, output = launch_and_simulate(tmp_path)
+    schema: the same files, the same keys, the same final parameters. Launch is secure by default
+    (keys generated with the run), so forged, poisoned and replayed messages from a process without
+    a key change nothing."""
+    out, sim, output = launch_and_simulate(tmp_path, during=keyless_attacks)
+    keys = sorted(p.name for p in (out / "keys").iterdir())
+    assert keys == sorted(f"peer-{i}.key{s}" for i in range(4) for s in ("", "_secret"))
+    assert all((out / "keys" / f"peer-{i}.key_secret").stat().st_mode & 0o077 == 0 for i in range(4))
     config = load_config(ORACLE)
     last = config.rounds - 1
     launched_summary, simulated_summary = results.read_summary(out), results.read_summary(sim)

@@ -13,9 +13,12 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
+from demuon.app.run import check_security
+from demuon.config import load_config
 from demuon.errors import TransportError
-from demuon.transport.security import CurveKeys, generate_keys, load_keys, load_public_keys
+from demuon.transport.security import CurveKeys, generate_keys, is_loopback, load_keys, load_public_keys
 from demuon.transport.zeromq import ZmqTransport
+from tests.support.cluster import CONFIGS
 
 DEADLINE_S = 5.0
 HANDSHAKE_FAILED = {
@@ -189,3 +192,51 @@ async def test_two_secured_transports_cannot_share_one_context() -> None:
         await a.close()
         await b.close()
         ctx.destroy(linger=0)
+
+
+# ------------------------------------------------------------------------------ secure by default
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "loopback"),
+    [
+        ("tcp://127.0.0.1:7000", True),
+        ("tcp://127.3.2.1:7000", True),
+        ("tcp://localhost:7000", True),
+        ("tcp://[::1]:7000", True),
+        ("ipc:///tmp/demuon-0", True),
+        ("tcp://0.0.0.0:7000", False),
+        ("tcp://*:7000", False),
+        ("tcp://10.213.0.2:7000", False),
+        ("tcp://peer-3:7000", False),
+        ("udp://127.0.0.1:7000", False),
+    ],
+)
+def test_only_endpoints_that_stay_on_this_machine_are_loopback(endpoint: str, loopback: bool) -> None:
+    assert is_loopback(endpoint) is loopback
+
+
+def test_run_refuses_to_go_beyond_loopback_without_choosing_about_security(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from demuon.app import cli
+
+    argv = [
+        "run",
+        "--config",
+        str(CONFIGS / "oracle-ring4.toml"),
+        "--peer",
+        "0",
+        "--out",
+        str(tmp_path / "p0"),
+    ]
+    assert cli.main([*argv, "--set", "network.host='10.213.0.1'"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: security.enabled='unset'")
+    assert "tcp://10.213.0.1:27400" in err and "security.enabled = false" in err
+    assert not (tmp_path / "p0").exists()  # refused before anything was created
+    config = load_config(
+        CONFIGS / "oracle-ring4.toml", ["network.host='10.213.0.1'", "security.enabled=false"]
+    )
+    check_security(config, 0)  # open on purpose: allowed
+    check_security(load_config(CONFIGS / "oracle-ring4.toml"), 0)  # loopback: allowed
