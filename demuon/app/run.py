@@ -156,13 +156,18 @@ class Start:
     checkpoint_dir: Path
 
 
-def prepare(config: Config, peer_id: int, out: Path, *, resume: bool = False) -> Start:
-    """Build peer ``peer_id`` and, with ``resume``, restore it (a CheckpointError names the file).
-    Temp files of this peer's checkpoint writes that a killed process left are removed first."""
+def prepare(
+    config: Config, peer_id: int, out: Path, *, resume: bool = False, blob: dict[str, Any] | None = None
+) -> Start:
+    """Build peer ``peer_id`` and, with ``resume``, restore it from ``blob`` (a checkpoint already
+    loaded and checked) or its newest good checkpoint (a CheckpointError names the file). Temp
+    files of this peer's checkpoint writes that a killed process left are removed first."""
     peer = build_peer(config, peer_id)
     checkpoint_dir = config.checkpoint.dir or out / "checkpoint"
     remove_leftover_temp_files(checkpoint_dir, peer_id)
-    start = restore(peer, load_checkpoint(checkpoint_dir, peer_id, math_fingerprint(config))) if resume else 0
+    if resume and blob is None:
+        blob = load_checkpoint(checkpoint_dir, peer_id, math_fingerprint(config))
+    start = restore(peer, blob) if resume and blob is not None else 0
     if resume:
         log.info("resumed from %s at round %d", checkpoint_dir, start)
     return Start(peer, start, resume, checkpoint_dir)
@@ -318,10 +323,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError("--peer", args.peer, f"must be in 0..{config.peers - 1} (peers = {config.peers})")
     out = Path(args.out) if args.out else Path("runs") / f"peer-{args.peer}"
     check_security(config, args.peer)
+    blob = None
     if args.resume:  # fail before creating anything when there is nothing to resume from
-        load_checkpoint(config.checkpoint.dir or out / "checkpoint", args.peer, math_fingerprint(config))
+        checkpoint_dir = config.checkpoint.dir or out / "checkpoint"
+        blob = load_checkpoint(checkpoint_dir, args.peer, math_fingerprint(config))
     torch.set_num_threads(config.threads)
     with peer_logging(out, args.peer):
-        start = prepare(config, args.peer, out, resume=args.resume)
+        start = prepare(config, args.peer, out, resume=args.resume, blob=blob)
         status = uvloop.run(run_peer(config, start, out))
     return 0 if status is DaemonStatus.STOPPED else 1

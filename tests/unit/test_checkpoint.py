@@ -352,3 +352,21 @@ def test_starting_a_peer_removes_its_leftover_temp_files(tmp_path: Path) -> None
     assert start.round == 0
     left = sorted(p.name for p in (tmp_path / "checkpoint").iterdir())
     assert left == [".peer-0.prev.pt.q0w1e2r3", ".peer-0.pt.k3x_9a2b", ".peer-10.pt.zz", "notes.txt"]
+
+
+def test_demuon_run_resume_refuses_a_flipped_bit_in_one_line_before_starting(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from demuon.app import cli
+    from demuon.config import load_config
+    from tests.support.cluster import RING
+
+    config = load_config(RING)
+    peer = build_peers(config)[0][0]
+    out = tmp_path / "peer-0"
+    path = save_checkpoint(out / "checkpoint", peer, math_fingerprint(config))
+    flip_a_bit(path, model_bytes(peer)[1])
+    assert cli.main(["run", "--config", str(RING), "--peer", "0", "--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: corrupt checkpoint: SHA-256 digest does not match the contents ({path})"
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint"]  # nothing started, nothing written
