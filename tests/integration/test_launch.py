@@ -206,13 +206,22 @@ async def test_an_mqtt_stop_ends_every_launched_peer_cleanly(tmp_path: Path) -> 
 
 
 def keyless_attacks(out: Path, ports: Sequence[int], proc: subprocess.Popen[bytes]) -> None:
-    """While the cluster runs, a process without a key claims to be peer 1 and sends peer 0
-    forged messages for every round (far-future ones included), 1e30-poisoned ones and replays:
-    launch turned CURVE on, so its handshake is refused and nothing of it reaches the peer."""
+    """While the cluster runs, processes without a key attack peer 0: one claims to be peer 1 and
+    sends forged messages for every round (far-future ones included), 1e30-poisoned ones and
+    replays; another runs the backed-up-connection flood for 3 s (tests/support/attacker.py).
+    launch turned CURVE on, so their handshakes are refused and nothing of them reaches the peer."""
     wait_for_round(out, proc, at_least=2)
-    argv = [sys.executable, "-m", "tests.support.attacker", "forge", str(ports[0]), "1", "19"]
-    done = subprocess.run(argv, cwd=ROOT, capture_output=True, timeout=DEADLINE_S, check=True)
-    assert done.stdout.decode().split() == ["refused"]
+    attacker = [sys.executable, "-m", "tests.support.attacker"]
+    flood = subprocess.Popen([*attacker, "flood", str(ports[0]), "3"], cwd=ROOT, stdout=subprocess.DEVNULL)
+    try:
+        argv = [*attacker, "forge", str(ports[0]), "1", "19"]
+        done = subprocess.run(argv, cwd=ROOT, capture_output=True, timeout=DEADLINE_S, check=True)
+        assert done.stdout.decode().split() == ["refused"]
+        assert flood.wait(timeout=DEADLINE_S) == 0
+    finally:
+        if flood.poll() is None:
+            flood.kill()
+            flood.wait()
 
 
 def test_launch_and_simulate_on_the_oracle_file_write_the_same_run_folder(tmp_path: Path) -> None:
