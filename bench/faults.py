@@ -64,16 +64,13 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-import torch
 from rich.console import Console
 from rich.table import Table
 
 from demuon.app import simulate
-from demuon.app.peers import build_peers
 from demuon.config import Config, config_from_dict, load_config
-from demuon.node.exchange import ExactExchange, Poison
+from demuon.node.exchange import Poison
 from demuon.node.observe import TrackerState, averaged_validation_loss, consensus_error, tracking_drift
-from demuon.node.peer import Peer
 from demuon.workloads import make_workload
 
 POLICIES = ("self_weight", "running_sum")
@@ -189,24 +186,10 @@ def byzantine_config(rounds: int, multiple: float | None) -> Config:
     return config_from_dict(data)
 
 
-def run_poisoned(config: Config, poison: Poison | None) -> list[Peer]:
-    """``config.rounds`` simulated rounds, with ``poison`` replacing one peer's messages."""
-    torch.set_num_threads(config.threads)
-    peers, _, _ = build_peers(config)
-    exchange = ExactExchange(peers, poison=poison)
-
-    async def rounds() -> None:
-        for k in range(config.rounds):
-            await simulate.simulate_round_async(peers, k, exchange)
-
-    simulate.run_sync(rounds(), config.threads)
-    return peers
-
-
 def measure_byzantine(attack: str, multiple: float | None, rounds: int) -> dict[str, Any]:
     config, poison = byzantine_config(rounds, multiple), ATTACKS[attack]
     start = time.perf_counter()
-    peers = run_poisoned(config, poison)
+    peers = simulate.run_poisoned(config, poison)
     honest = [p for p in peers if poison is None or p.index != poison.sender]
     workload = make_workload(config.workload, seed=config.seed, device=honest[0].device)
     states = [p.X() for p in honest]

@@ -26,7 +26,7 @@ from demuon import results
 from demuon.app.peers import build_peers, heir_of, leaves
 from demuon.app.summary import config_fields
 from demuon.config import Config
-from demuon.node.exchange import ExactExchange
+from demuon.node.exchange import ExactExchange, Poison
 from demuon.node.observe import (
     TrackerState,
     averaged_validation_loss,
@@ -175,3 +175,18 @@ def run(config: Config, *, out: Path | None = None, progress: ProgressHook | Non
     if out:
         results.write_summary(out, res.summary)
     return res
+
+
+def run_poisoned(config: Config, poison: Poison | None) -> list[Peer]:
+    """``config.rounds`` rounds with ``poison`` replacing one peer's messages (a Byzantine
+    neighbour, for the guard's tests and bench); no files, no metrics. Returns the peers."""
+    torch.set_num_threads(config.threads)
+    peers, _, _ = build_peers(config)
+    exchange = ExactExchange(peers, poison=poison)
+
+    async def rounds() -> None:
+        for k in range(config.rounds):
+            await simulate_round_async(peers, k, exchange)
+
+    run_sync(rounds(), config.threads)
+    return peers

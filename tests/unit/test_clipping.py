@@ -16,7 +16,7 @@ from demuon.app.peers import build_peers
 from demuon.config import Config, config_from_dict
 from demuon.errors import ConfigError
 from demuon.node import optim
-from demuon.node.exchange import ExactExchange, Poison
+from demuon.node.exchange import Poison
 from demuon.node.observe import TrackerState, averaged_validation_loss, tracking_drift
 from demuon.node.peer import Peer
 from demuon.workloads import make_workload
@@ -109,25 +109,15 @@ def test_the_guard_is_off_by_default_and_refused_with_compression() -> None:
 ATTACKS = {"none": None, "1e30": Poison(BYZANTINE, value=1e30), "-4x": Poison(BYZANTINE, scale=-4.0)}
 
 
-def run(config: Config, poison: Poison | None = None) -> list[Peer]:
-    """``config.rounds`` simulated rounds; with ``poison`` one peer's messages are replaced."""
-    torch.set_num_threads(config.threads)
-    peers, _, _ = build_peers(config)
-    exchange = ExactExchange(peers, poison=poison)
-
-    async def rounds() -> None:
-        for k in range(config.rounds):
-            await simulate.simulate_round_async(peers, k, exchange)
-
-    simulate.run_sync(rounds(), config.threads)
-    return peers
-
-
 @functools.cache
 def outcome(clip: str, attack: str) -> tuple[list[Peer], float]:
     """The honest peers after ROUNDS rounds, and the validation loss of their averaged model."""
     config = logistic(clip=clip)
-    peers = [p for p in run(config, ATTACKS[attack]) if ATTACKS[attack] is None or p.index != BYZANTINE]
+    peers = [
+        p
+        for p in simulate.run_poisoned(config, ATTACKS[attack])
+        if ATTACKS[attack] is None or p.index != BYZANTINE
+    ]
     workload = make_workload(config.workload, seed=config.seed, device=torch.device("cpu"))
     return peers, averaged_validation_loss(workload, config.seed, [p.X() for p in peers], dtype=torch.float64)
 
@@ -185,7 +175,7 @@ def test_what_the_guard_holds_back_from_an_honest_sum_stays_in_flight() -> None:
 
 def test_the_window_of_own_norms_survives_a_checkpoint() -> None:
     config = logistic(3, clip="self_centred")
-    peers = run(config)
+    peers = simulate.run_poisoned(config, None)
     fresh = build_peers(config)[0][2]
     fresh.load_state_dict(peers[2].state_dict())
     assert fresh.own_updates == peers[2].own_updates and len(fresh.own_updates["V"]) == 3
