@@ -482,6 +482,15 @@ class TelemetryConfig(Frozen):
     mqtt_host: str | None = None
     mqtt_port: int = Field(default=1883, ge=1, le=65535)
     topic_prefix: str = "demuon"
+    prometheus_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65000,
+        description="Prometheus metrics: peer i serves http://{prometheus_host}:{port + i}/metrics "
+        "(unset = off; 0 = each peer picks a free port and logs it)",
+    )
+    prometheus_host: str = Field(default="127.0.0.1", description="address the metrics endpoint binds")
+    _valid_prometheus_host = field_validator("prometheus_host")(classmethod(lambda cls, v: _check_host(v)))
 
 
 # ---------------------------------------------------------------------------------- the root

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import logging
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -269,18 +270,57 @@ async def start_transport(config: Config, daemon: Daemon) -> None:
     daemon.transport = daemon.gossip.transport = _Started(transport)
 
 
+#: The states ``demuon_status`` reports (Prometheus): the daemon's, and "paused" while running.
+PEER_STATES = (*(s.value for s in DaemonStatus), "paused")
+
+
+def peer_state(daemon: Daemon) -> str:
+    """The daemon's state for ``demuon_status``: "paused" while a pause holds a running daemon."""
+    if daemon.status is DaemonStatus.RUNNING and daemon.control.paused.is_set():
+        return "paused"
+    return daemon.status.value
+
+
+def fan_out(hooks: Sequence[RoundHook]) -> RoundHook | None:
+    """One ``on_round`` hook that hands each row to every (synchronous) hook of ``hooks``."""
+    if len(hooks) <= 1:
+        return hooks[0] if hooks else None
+
+    def each(row: Mapping[str, Any]) -> None:
+        for hook in hooks:
+            hook(row)
+
+    return each
+
+
 async def run_peer(config: Config, start: Start, out: Path) -> DaemonStatus:
-    """Run the daemon (with MQTT telemetry when ``telemetry.mqtt_host`` is set)."""
+    """Run the daemon (with MQTT telemetry when ``telemetry.mqtt_host`` is set, Prometheus metrics
+    when ``telemetry.prometheus_port`` is; a metrics port that cannot be bound is raised)."""
+    from demuon.node.prometheus import Prometheus
     from demuon.node.telemetry import Telemetry
 
     telemetry = Telemetry(config.telemetry, start.peer.index)
-    if telemetry.enabled:
-        daemon = build_daemon(
-            config, start, out, on_round=telemetry.publish, control=telemetry, services=[telemetry]
-        )
-    else:
-        daemon = build_daemon(config, start, out)
+    prometheus = Prometheus(config.telemetry, start.peer.index, rounds=config.rounds)
+    hooks: list[RoundHook] = [telemetry.publish] if telemetry.enabled else []
+    services: list[Service] = [telemetry] if telemetry.enabled else []
+    if prometheus.enabled:
+        hooks.append(prometheus.observe)
+        services.append(prometheus)
+    daemon = build_daemon(
+        config,
+        start,
+        out,
+        on_round=fan_out(hooks),
+        control=telemetry if telemetry.enabled else None,
+        services=services,
+    )
+    prometheus.watch(functools.partial(peer_state, daemon), PEER_STATES)
     await start_transport(config, daemon)
+    try:
+        await prometheus.start()
+    except BaseException:
+        await daemon.close()
+        raise
     log.info(
         "peer %d of %d: %s on %s, %d rounds, listening on %s",
         start.peer.index,

@@ -39,6 +39,7 @@ LAYERS: dict[str, int] = {
     "demuon.node.gossip": 5,
     "demuon.node.exchange": 5,
     "demuon.node.telemetry": 5,
+    "demuon.node.prometheus": 5,
     "demuon.node.checkpoint": 5,
     "demuon.node.daemon": 6,
     "demuon.app": 6,
