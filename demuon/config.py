@@ -23,7 +23,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import EnvSettingsSource
 
 from demuon.errors import ConfigError
@@ -479,9 +487,36 @@ class CheckpointConfig(Frozen):
 
 
 class TelemetryConfig(Frozen):
+    """MQTT telemetry and remote control (README, "Telemetry (MQTT)"). The password is a
+    ``SecretStr``: never logged, shown as ``**********`` in a repr or a JSON dump; it may come from
+    ``DEMUON__TELEMETRY__PASSWORD`` instead of the file."""
+
     mqtt_host: str | None = None
     mqtt_port: int = Field(default=1883, ge=1, le=65535)
-    topic_prefix: str = "demuon"
+    topic_prefix: str = Field(default="demuon", pattern=r"^[^#+]+$", description="no MQTT wildcards")
+    run_id: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9._-]{1,64}$",
+        description="run name in every payload (unset: the first 12 hex digits of the config's math "
+        "fingerprint, the same on every peer of a cluster)",
+    )
+    username: str | None = None
+    password: SecretStr | None = Field(default=None, description="or DEMUON__TELEMETRY__PASSWORD")
+    tls: bool = Field(default=False, description="TLS to the broker (system CAs unless tls_ca)")
+    tls_ca: Path | None = Field(default=None, description="CA bundle (PEM) of the broker's certificate")
+    qos: int = Field(default=1, ge=0, le=2, description="QoS of the metrics rows (status and replies: 1)")
+    status_every_s: float = Field(
+        default=2.0, gt=0.0, description="at most this often a status refresh carries the new round"
+    )
+
+    @model_validator(mode="after")
+    def _ca_needs_tls(self) -> TelemetryConfig:
+        if self.tls_ca is not None and not self.tls:
+            raise ValueError("telemetry.tls_ca is set but telemetry.tls = false: set tls = true")
+        if self.password is not None and self.username is None:
+            raise ValueError("telemetry.password is set without telemetry.username")
+        return self
+
     prometheus_port: int | None = Field(
         default=None,
         ge=0,

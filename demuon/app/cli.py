@@ -1,4 +1,4 @@
-"""Command line: ``demuon simulate | demo | run | launch | report | compose | keys generate``.
+"""Command line: ``demuon simulate | demo | run | launch | report | compose | watch | keys generate``.
 
 This module only builds the parser. Each command's module is imported when that command runs, so
 ``demuon --help``, ``demuon --version`` and ``demuon keys …`` never import torch or matplotlib
@@ -131,6 +131,18 @@ def build_parser() -> argparse.ArgumentParser:
     _set(c, "a setting of every peer")
     c.add_argument("--mqtt", action="store_true", help="add a mosquitto service and point telemetry at it")
     c.set_defaults(func=_lazy("compose", "cmd_compose"))
+
+    w = sub.add_parser("watch", help="every peer's status and metrics, from MQTT", formatter_class=fmt)
+    w.add_argument(
+        "--broker", required=True, metavar="URL", help="mqtt://HOST:PORT or mqtts://[USER@]HOST:PORT"
+    )
+    w.add_argument("--run", metavar="NAME", help="only this run (telemetry.run_id; default: every run)")
+    w.add_argument("--prefix", default="demuon", help="telemetry.topic_prefix of the cluster")
+    w.add_argument("--once", action="store_true", help="print one snapshot once the statuses have settled")
+    w.add_argument("--json", action="store_true", help="with --once: a JSON document instead of a table")
+    w.add_argument("--timeout", type=float, metavar="S", help="stop after S seconds (--once: 5)")
+    w.add_argument("--tls-ca", type=Path, metavar="FILE", help="CA bundle for mqtts:// (default: system CAs)")
+    w.set_defaults(func=_lazy("watch", "cmd_watch"))
 
     k = sub.add_parser("keys", help="CURVE key management", formatter_class=fmt)
     ksub = k.add_subparsers(dest="keys_command", required=True, metavar="ACTION")

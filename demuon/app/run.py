@@ -59,6 +59,28 @@ BIND_HINTS = {
     errno.EACCES: "ports below 1024 need privileges",
 }
 
+#: How the daemon's status reads on the MQTT status topic (README, "Telemetry (MQTT)"); telemetry
+#: itself says "paused" while a pause holds a training peer, and the broker "offline" (Last Will).
+TELEMETRY_STATUS = {
+    DaemonStatus.NEW: "starting",
+    DaemonStatus.STARTING: "waiting-for-links",  # the transport is bound: it waits for its links
+    DaemonStatus.RUNNING: "training",
+    DaemonStatus.STOPPING: "stopping",
+    DaemonStatus.STOPPED: "stopped",
+    DaemonStatus.FAILED: "failed",
+}
+
+
+def telemetry_status(status: DaemonStatus) -> str:
+    """``status`` as the MQTT status topic says it; an outcome without an entry reads "failed"."""
+    return TELEMETRY_STATUS.get(status, "failed")
+
+
+def run_name(config: Config) -> str:
+    """The run's name in every MQTT payload: ``telemetry.run_id``, else the first 12 hex digits of
+    the math fingerprint (the same on every peer of a cluster, and for a resumed run)."""
+    return config.telemetry.run_id or math_fingerprint(config)[:12]
+
 
 def build_peer(config: Config, peer_id: int) -> Peer:
     """Peer ``peer_id`` exactly as :func:`demuon.app.peers.build_peers` builds it."""
@@ -299,7 +321,7 @@ async def run_peer(config: Config, start: Start, out: Path) -> DaemonStatus:
     from demuon.node.prometheus import Prometheus
     from demuon.node.telemetry import Telemetry
 
-    telemetry = Telemetry(config.telemetry, start.peer.index)
+    telemetry = Telemetry(config.telemetry, start.peer.index, run=run_name(config))
     prometheus = Prometheus(config.telemetry, start.peer.index, rounds=config.rounds)
     hooks: list[RoundHook] = [telemetry.publish] if telemetry.enabled else []
     services: list[Service] = [telemetry] if telemetry.enabled else []
@@ -315,6 +337,7 @@ async def run_peer(config: Config, start: Start, out: Path) -> DaemonStatus:
         services=services,
     )
     prometheus.watch(functools.partial(peer_state, daemon), PEER_STATES)
+    daemon.on_status = lambda status: telemetry.set_status(telemetry_status(status))
     await start_transport(config, daemon)
     try:
         await prometheus.start()

@@ -17,7 +17,9 @@
 Stop and pause come from a :class:`Control` (``stop``/``paused`` events, e.g. MQTT telemetry) and
 from SIGTERM/SIGINT: the current round finishes, a checkpoint is written, the transport closes and
 the process exits 0. A second signal aborts the round at once (no checkpoint; the last periodic
-one stays). Lifecycle: ``NEW → STARTING → RUNNING → STOPPING → STOPPED`` (or ``FAILED``).
+one stays). Lifecycle: ``NEW → STARTING → RUNNING → STOPPING → STOPPED`` (or ``FAILED``); every
+change is handed to ``on_status`` (e.g. telemetry's retained status topic). A failure is ``FAILED``
+before the services are closed, so they can still report it.
 
 Per-round row (``metrics.jsonl``): :class:`demuon.node.rounds.RoundMetrics`, the same keys the
 simulator writes; the daemon fills in ``rejected`` (messages the wire refused this round) and
@@ -30,6 +32,7 @@ The daemon is given the sections it uses: the :class:`~demuon.node.peer.Peer`, i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import functools
 import inspect
@@ -60,12 +63,16 @@ from demuon.transport.base import Transport
 
 #: Rows waiting for the ``on_round`` hook before the oldest is dropped.
 ROW_QUEUE = 64
+#: How long the end of a run waits for the ``on_round`` hook to take the last rows (services such
+#: as telemetry close after that, so their last report has the last round).
+ROW_FLUSH_S = 1.0
 
 log = logging.getLogger(__name__)
 
 R = TypeVar("R")
 P = ParamSpec("P")
 RoundHook = Callable[[Mapping[str, Any]], object]
+StatusHook = Callable[["DaemonStatus"], object]
 
 
 class DaemonStatus(enum.Enum):
@@ -153,6 +160,7 @@ class Daemon:
         control: Control | None = None,
         services: Sequence[Service] = (),
         handle_signals: bool = True,
+        on_status: StatusHook | None = None,
     ) -> None:
         self.peer = peer
         self.settings = settings
@@ -167,7 +175,8 @@ class Daemon:
         self.control: Control = control if control is not None else LocalControl()
         self.services = tuple(services)
         self.handle_signals = handle_signals
-        self.status = DaemonStatus.NEW
+        self.on_status = on_status  # called with every new status (a failing hook is logged)
+        self._status = DaemonStatus.NEW
         self.last_completed: int | None = start_round - 1 if resumed else None
         self.rows_dropped = 0
         self.aborted = False
@@ -178,6 +187,7 @@ class Daemon:
             initargs=(settings.threads,),
         )
         self._rows: asyncio.Queue[Mapping[str, Any] | None] = asyncio.Queue(ROW_QUEUE)
+        self._rows_done = asyncio.Event()  # the control task has handed over every row
         self._train_task: asyncio.Task[None] | None = None
         self._rejected_seen: Counter[str] = Counter()
         self._injected_seen: Counter[str] = Counter()
@@ -187,6 +197,19 @@ class Daemon:
         self._metrics: results.MetricsWriter | None = None
         self._closed = False
         self._signalled = False
+
+    @property
+    def status(self) -> DaemonStatus:
+        return self._status
+
+    @status.setter
+    def status(self, status: DaemonStatus) -> None:
+        changed, self._status = status is not self._status, status
+        if changed and self.on_status is not None:
+            try:
+                self.on_status(status)
+            except Exception as exc:  # a broken hook never stops training
+                log.warning("on_status hook failed: %s: %s", type(exc).__name__, exc)
 
     @property
     def completed(self) -> bool:
@@ -275,15 +298,18 @@ class Daemon:
             self.gossip.deliver(item)
 
     async def _control(self) -> None:
-        while (row := await self._rows.get()) is not None:
-            if self.on_round is None:
-                continue
-            try:
-                result = self.on_round(row)
-                if inspect.isawaitable(result):
-                    await result
-            except Exception as exc:  # a broken hook never stops training
-                log.warning("on_round hook failed: %s: %s", type(exc).__name__, exc)
+        try:
+            while (row := await self._rows.get()) is not None:
+                if self.on_round is None:
+                    continue
+                try:
+                    result = self.on_round(row)
+                    if inspect.isawaitable(result):
+                        await result
+                except Exception as exc:  # a broken hook never stops training
+                    log.warning("on_round hook failed: %s: %s", type(exc).__name__, exc)
+        finally:
+            self._rows_done.set()
 
     def _queue_row(self, row: Mapping[str, Any] | None) -> None:
         if self._rows.full():
@@ -328,9 +354,16 @@ class Daemon:
                 k += 1
             self.status = DaemonStatus.STOPPING
             await self._finish()
+        except BaseException:  # a failure, a sibling's failure or an abort: the TaskGroup reports it
+            self.status = DaemonStatus.FAILED
+            raise
         finally:
-            self.status = DaemonStatus.STOPPING
+            if self.status is not DaemonStatus.FAILED:
+                self.status = DaemonStatus.STOPPING
             self._queue_row(None)
+            with contextlib.suppress(TimeoutError):  # the hook takes the last rows before services close
+                async with asyncio.timeout(ROW_FLUSH_S):
+                    await self._rows_done.wait()
             await self.close()
 
     async def _wait_ready(self) -> None:
