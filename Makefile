@@ -16,10 +16,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	@touch $@
 
-# The MQTT broker that telemetry tests talk to (Debian's mosquitto, installed when missing).
+# The MQTT broker that telemetry tests talk to and its command-line client (Debian's mosquitto and
+# mosquitto-clients, installed when missing).
 broker:
-	@command -v mosquitto >/dev/null 2>&1 || command -v /usr/sbin/mosquitto >/dev/null 2>&1 || \
-	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; }
+	@{ command -v mosquitto >/dev/null 2>&1 || command -v /usr/sbin/mosquitto >/dev/null 2>&1; } && \
+	  command -v mosquitto_sub >/dev/null 2>&1 || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients >/dev/null; }
 
 # What `demuon netlab` and the namespace tests use: iproute2 (ip, tc) and iptables (--loss).
 netns-tools:
