@@ -154,21 +154,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from rich.console import Console
-    from rich.markup import escape
-
-    from demuon.errors import DemuonError
-
-    console = Console(stderr=True)
     try:
-        return int(args.func(args))
-    except DemuonError as exc:
-        # unwrapped and unformatted: paths and values in the message must survive copy and paste
-        console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
-        return 2
-    except KeyboardInterrupt:
-        console.print("interrupted")
+        args = build_parser().parse_args(argv)
+        from rich.console import Console
+        from rich.markup import escape
+
+        from demuon.errors import DemuonError
+
+        console = Console(stderr=True)
+        try:
+            return int(args.func(args))
+        except DemuonError as exc:
+            # unwrapped and unformatted: paths and values in the message must survive copy and paste
+            console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
+            return 2
+    except KeyboardInterrupt:  # also one that lands while the modules are still being imported
+        sys.stderr.write("demuon: interrupted\n")
         return 130
 
 

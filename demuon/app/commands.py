@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from demuon.config import ALGORITHM_NAMES, Config, load_config
-from demuon.errors import DemuonError
+from demuon.errors import ConfigError, DemuonError
 
 if TYPE_CHECKING:
     from demuon.app.simulate import SimulationResult
@@ -87,8 +87,33 @@ def print_run_table(runs: Mapping[str, SimulationResult]) -> None:
     Console().print(run_table(series, "results"))
 
 
+def check_device(name: str) -> None:
+    """Fail before anything starts when ``name`` (``cuda`` or ``cuda:N``) is not a CUDA device
+    this process can use: a ConfigError naming the setting and why."""
+    if not name.startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        build = (
+            f"torch {torch.__version__} has no CUDA support"
+            if torch.version.cuda is None
+            else f"torch {torch.__version__} is built for CUDA {torch.version.cuda} but sees no GPU"
+        )
+        raise ConfigError(
+            "device",
+            name,
+            f'CUDA is not available in this torch build ({build}); use device = "cpu" or "auto"',
+        )
+    index = int(name.partition(":")[2] or 0)
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise ConfigError("device", name, f"only {count} CUDA device(s) present (cuda:0..cuda:{count - 1})")
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.set, faults=args.faults)
+    check_device(config.device)
     out = Path(args.out) if args.out else None
     runs = simulate_many(config, algorithms_arg(args.algorithms, config), out)
     print_run_table(runs)
@@ -106,6 +131,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with ExitStack() as stack:
         if args.simulate:
             config = load_config(packaged_config(DEMO_SIMULATE, stack), args.set)
+            check_device(config.device)
             console.print(
                 f"demo: {config.peers} simulated peers on a {config.topology.name}, {config.workload.kind}"
             )
@@ -115,6 +141,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             return 0
         path = packaged_config(DEMO_CLUSTER, stack)
         config = load_config(path, args.set)  # fail early, before any process starts
+        check_device(config.device)
         console.print(
             f"demo: {config.peers} peer processes on a {config.topology.name} over loopback ZeroMQ, "
             f"{config.algorithm.name}, {config.workload.kind} workload, {config.rounds} rounds"

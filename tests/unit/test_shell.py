@@ -36,7 +36,9 @@ def imported_packages(*argv: str) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("argv", [("--help",), ("--version",), ("keys", "--help"), ("launch", "--help"), ("watch", "--help")])
+@pytest.mark.parametrize(
+    "argv", [("--help",), ("--version",), ("keys", "--help"), ("launch", "--help"), ("watch", "--help")]
+)
 def test_help_version_and_keys_never_import_torch_or_matplotlib(argv: tuple[str, ...]) -> None:
     assert [name for name in HEAVY if name in imported_packages(*argv)] == []
 

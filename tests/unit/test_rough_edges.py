@@ -1,0 +1,102 @@
+"""Rough edges of operating a cluster: one line instead of a traceback, a misspelt environment
+variable, keys that would be overwritten, the edge list's option name, metrics of a relaunched
+run, a custom workload in the current folder, a peer whose neighbours never come, the help."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from demuon import results
+from demuon.app import cli, commands
+from demuon.app.summary import launch_summary
+from demuon.config import load_config
+from demuon.errors import ConfigError, WorkloadError
+from demuon.node.daemon import DaemonStatus, LocalControl
+from demuon.transport import zeromq
+from demuon.transport.inproc import InprocHub
+from demuon.workloads import make_workload
+from tests.support.cluster import free_ports, inproc_daemon, inproc_daemons
+
+TINY = """
+peers = 2
+rounds = 3
+device = "cpu"
+[topology]
+name = "complete"
+[workload]
+kind = "quadratic"
+rows = 8
+dim_in = 4
+dim_out = 2
+[network]
+start_timeout_s = 1.0
+phase_timeout_s = 0.05
+[security]
+enabled = false
+"""
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY)
+    return path
+
+
+def one_line(capsys: pytest.CaptureFixture[str]) -> str:
+    """The single stderr line a command wrote (no traceback)."""
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+# ------------------------------------------------------------- one line instead of a traceback
+
+
+def test_a_cuda_device_without_cuda_is_one_line(
+    tiny: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["simulate", "--config", str(tiny), "--set", "device=cuda"]) == 2
+    line = one_line(capsys)
+    assert line.startswith("error: device='cuda': ") and "CUDA is not available in this torch build" in line
+
+
+def test_a_cuda_index_beyond_the_devices_is_one_line(
+    tiny: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert cli.main(["simulate", "--config", str(tiny), "--set", 'device="cuda:1"']) == 2
+    assert one_line(capsys) == "error: device='cuda:1': only 1 CUDA device(s) present (cuda:0..cuda:0)"
+    commands.check_device("cuda:0")  # the one that is there is fine
+
+
+def test_ctrl_c_is_exit_130_with_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def interrupted(args: argparse.Namespace) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(commands, "cmd_keys", interrupted)  # while a command runs
+    assert cli.main(["keys", "generate", str(tmp_path)]) == 130
+    assert one_line(capsys) == "demuon: interrupted"
+
+    def parser() -> argparse.ArgumentParser:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", parser)  # before anything is parsed or imported
+    assert cli.main(["--version"]) == 130
+    assert one_line(capsys) == "demuon: interrupted"
