@@ -13,6 +13,7 @@ factory explicitly, which is the one place user code is plugged in).
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import ipaddress
 import json
@@ -21,7 +22,8 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import (
     BaseModel,
@@ -670,10 +672,68 @@ class _ConfigEnvironment(EnvSettingsSource):
         return {k.lower(): v for k, v in self._environ.items()}
 
 
+def _sections(annotation: Any) -> list[type[BaseModel]] | None:
+    """The models a field's value may be (several for a discriminated union); None when the
+    field is a mapping whose keys are free (``per_algorithm``); ``[]`` for a plain value."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _sections(get_args(annotation)[0])
+    if origin is dict:
+        return None
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    if origin in (Union, UnionType):
+        found: list[type[BaseModel]] = []
+        for arg in get_args(annotation):
+            sub = _sections(arg)
+            if sub is None:
+                return None
+            found += sub
+        return found
+    return []
+
+
+def _unknown_env_name(name: str) -> str | None:
+    """Why the variable ``name`` (``DEMUON__…``) names no setting of :class:`Config`, or None
+    when it names one: every ``__``-separated part must be a field of the section before it."""
+    parts = name[len(ENV_PREFIX) :].lower().split("__")
+    models: list[type[BaseModel]] = [Config]
+    for depth, part in enumerate(parts):
+        where = ".".join(parts[:depth])
+        if not models:
+            whole = f"{ENV_PREFIX}{'__'.join(parts[:depth]).upper()}"
+            return f"{where} is a value, not a section, so it has no {part!r} (set it whole: {whole}=...)"
+        fields: dict[str, Any] = {f: info.annotation for m in models for f, info in m.model_fields.items()}
+        if part not in fields:
+            section = f"section [{where}]" if where else "the top level"
+            close = difflib.get_close_matches(part, fields, n=1)
+            meant = "__".join([*parts[:depth], *close[:1], *parts[depth + 1 :]]).upper()
+            hint = f"; did you mean {ENV_PREFIX}{meant}?" if close else ""
+            return f"no setting {part!r} in {section} (variables are {ENV_PREFIX}SECTION__KEY){hint}"
+        sub = _sections(fields[part])
+        if sub is None:  # free keys below (per_algorithm.NAME.key): checked when the config validates
+            return None
+        models = sub
+    return None
+
+
+def check_env_names(environ: Mapping[str, str]) -> None:
+    """Every ``DEMUON__…`` variable must name a setting: a misspelt one (``DEMUON__ALGORITM__LR``)
+    fails like an unknown TOML key, naming the variable, instead of being ignored."""
+    for name in sorted(environ):
+        if name.upper().startswith(ENV_PREFIX):
+            reason = _unknown_env_name(name)
+            if reason is not None:
+                raise ConfigError(name, environ[name], reason)
+
+
 def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     """``DEMUON__ALGORITHM__LR=0.1`` → ``{"algorithm": {"lr": "0.1"}}`` (nested by ``__``; a JSON
-    value sets a whole section or list, e.g. ``DEMUON__NETWORK__PEERS='[{"id": 0, ...}]'``)."""
-    return dict(_ConfigEnvironment(os.environ if environ is None else environ)())
+    value sets a whole section or list, e.g. ``DEMUON__NETWORK__PEERS='[{"id": 0, ...}]'``). A
+    variable that names no setting is a :class:`ConfigError` (:func:`check_env_names`)."""
+    env = os.environ if environ is None else environ
+    check_env_names(env)
+    return dict(_ConfigEnvironment(env)())
 
 
 def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:

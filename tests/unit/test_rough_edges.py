@@ -100,3 +100,41 @@ def test_ctrl_c_is_exit_130_with_one_line(
     monkeypatch.setattr(cli, "build_parser", parser)  # before anything is parsed or imported
     assert cli.main(["--version"]) == 130
     assert one_line(capsys) == "demuon: interrupted"
+
+
+# ------------------------------------------------------------------ a misspelt env variable
+
+
+def test_a_misspelt_environment_variable_fails_naming_it(tiny: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(tiny, environ={"DEMUON__ALGORITM__LR": "0.5"})
+    assert info.value.field == "DEMUON__ALGORITM__LR" and info.value.value == "0.5"
+    assert "did you mean DEMUON__ALGORITHM__LR?" in str(info.value)
+    with pytest.raises(ConfigError, match=r"DEMUON__ALGORITHM__LRR='0\.5': no setting 'lrr' in section"):
+        load_config(tiny, environ={"DEMUON__ALGORITHM__LRR": "0.5"})
+    with pytest.raises(ConfigError, match="rounds is a value, not a section"):
+        load_config(tiny, environ={"DEMUON__ROUNDS__X": "3"})
+
+
+def test_known_environment_variables_still_apply(tiny: Path) -> None:
+    env = {
+        "DEMUON__ALGORITHM__LR": "0.5",
+        "demuon__rounds": "4",
+        "DEMUON__ALGORITHM__SCHEDULE__KIND": "cosine",
+        "DEMUON__ALGORITHM__SCHEDULE__WARMUP": "2",
+        "DEMUON__PER_ALGORITHM__DSGD__LR": "0.3",
+        "DEMUON__NETWORK__PEERS": json.dumps([{"id": i, "endpoint": f"tcp://p{i}:70{i}"} for i in range(2)]),
+        "OTHER__ALGORITM": "ignored: not ours",
+    }
+    config = load_config(tiny, environ=env)
+    assert config.algorithm.lr == 0.5 and config.rounds == 4
+    assert config.algorithm.schedule.kind == "cosine" and config.for_algorithm("dsgd").algorithm.lr == 0.3
+    assert config.endpoint(1) == "tcp://p1:701"
+
+
+def test_the_cli_names_a_misspelt_variable(
+    tiny: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("DEMUON__ALGORITM__LR", "0.5")
+    assert cli.main(["simulate", "--config", str(tiny)]) == 2
+    assert one_line(capsys).startswith("error: DEMUON__ALGORITM__LR='0.5': no setting 'algoritm'")
