@@ -149,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     kg = ksub.add_parser("generate", help="write one CURVE keypair per peer into DIR", formatter_class=fmt)
     kg.add_argument("dir", type=Path, help="folder for peer-<id>.key and peer-<id>.key_secret")
     kg.add_argument("--peers", type=int, default=8, help="number of peers (ids 0..N-1)")
+    kg.add_argument("--force", action="store_true", help="overwrite keys already in DIR")
     kg.set_defaults(func=_lazy("commands", "cmd_keys"))
     return p
 

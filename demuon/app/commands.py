@@ -156,10 +156,40 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return code
 
 
+def existing_keys(directory: Path) -> list[Path]:
+    """The CURVE key files (``peer-<id>.key``, ``peer-<id>.key_secret``) already in ``directory``."""
+    if not directory.is_dir():
+        return []
+    names = (
+        p for p in directory.iterdir() if p.name.startswith("peer-") and p.suffix in (".key", ".key_secret")
+    )
+    return sorted(names, key=lambda p: p.name)
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     from demuon.transport.security import generate_keys
 
+    if args.peers < 1:
+        raise ConfigError("--peers", args.peers, "must be at least 1 (one keypair per peer id 0..N-1)")
+    directory = Path(args.dir)
+    found = existing_keys(directory)
+    if found and not args.force:
+        raise ConfigError(
+            "",
+            None,
+            f"{found[0]} exists ({len(found)} key file(s) in {directory}): refusing to overwrite "
+            "CURVE keys that peers may be using; pass --force to replace them",
+        )
     ids = list(range(args.peers))
-    paths = generate_keys(Path(args.dir), ids)
+    paths = generate_keys(directory, ids)
     console.print(f"wrote CURVE keypairs for peers {ids[0]}..{ids[-1]} in {args.dir} ({len(paths)} peers)")
+    stale = sorted(
+        {p.name.removesuffix(p.suffix) for p in existing_keys(directory)} - {f"peer-{i}" for i in ids}
+    )
+    if stale:
+        console.print(
+            f"[yellow]warning:[/yellow] {args.dir} still holds keys of {', '.join(stale)} (not replaced); "
+            "every public key in the folder is admitted, so remove them if those peers are gone",
+            soft_wrap=True,
+        )
     return 0

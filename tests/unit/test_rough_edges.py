@@ -138,3 +138,26 @@ def test_the_cli_names_a_misspelt_variable(
     monkeypatch.setenv("DEMUON__ALGORITM__LR", "0.5")
     assert cli.main(["simulate", "--config", str(tiny)]) == 2
     assert one_line(capsys).startswith("error: DEMUON__ALGORITM__LR='0.5': no setting 'algoritm'")
+
+
+# ------------------------------------------------------------------------- keys not overwritten
+
+
+def test_keys_for_zero_peers_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["keys", "generate", str(tmp_path / "k"), "--peers", "0"]) == 2
+    assert one_line(capsys).startswith("error: --peers=0: must be at least 1")
+
+
+def test_keys_are_not_overwritten_without_force(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "keys"
+    assert cli.main(["keys", "generate", str(folder), "--peers", "2"]) == 0
+    capsys.readouterr()
+    before = (folder / "peer-0.key_secret").read_bytes()
+    assert cli.main(["keys", "generate", str(folder), "--peers", "2"]) == 2
+    line = one_line(capsys)
+    assert line.startswith(f"error: {folder / 'peer-0.key'} exists") and "--force" in line
+    assert (folder / "peer-0.key_secret").read_bytes() == before
+    assert cli.main(["keys", "generate", str(folder), "--peers", "1", "--force"]) == 0
+    assert (folder / "peer-0.key_secret").read_bytes() != before
+    _, err = capsys.readouterr()
+    assert "still holds keys of peer-1" in err  # not replaced, and said so
