@@ -34,6 +34,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core.core_schema import ValidationInfo
 from pydantic_settings import EnvSettingsSource
 
 from demuon.errors import ConfigError
@@ -67,12 +68,34 @@ class TopologyConfig(Frozen):
 
     name: TopologyName = "ring"
     weights: Literal["metropolis", "max_degree", "lazy_metropolis", "lazy_max_degree"] | None = None
-    p: float | None = Field(default=None, gt=0.0, le=1.0, description="erdos_renyi edge probability")
-    radius: float | None = Field(default=None, gt=0.0, description="random_geometric radius")
+    p: float | None = Field(
+        default=None, gt=0.0, le=1.0, validate_default=True, description="erdos_renyi edge probability"
+    )
+    radius: float | None = Field(
+        default=None, gt=0.0, validate_default=True, description="random_geometric radius"
+    )
     seed: int = 0
     rows: int | None = Field(default=None, ge=1, description="torus rows (cols = n / rows)")
     directed: bool = Field(default=False, description="exponential: Ying et al.'s directed arcs i → i+2^h")
-    edges_file: Path | None = None
+    edges_file: Path | None = Field(
+        default=None, validate_default=True, description="edge_list: a file of 'i j' or 'i j w' lines"
+    )
+
+    @field_validator("p", "radius", "edges_file", mode="after")
+    @classmethod
+    def _required_by_name(cls, v: Any, info: ValidationInfo) -> Any:
+        """The option a topology cannot do without, named as the config spells it."""
+        name, field = info.data.get("name"), str(info.field_name)
+        if v is None and TOPOLOGY_NEEDS.get(str(name)) == field:
+            raise ValueError(
+                f"topology {name!r} needs topology.{field} (e.g. {TOPOLOGY_NEEDS_EXAMPLE[field]})"
+            )
+        return v
+
+
+#: The one option each topology needs (``demuon.topology`` calls the edge list's ``path``).
+TOPOLOGY_NEEDS = {"erdos_renyi": "p", "random_geometric": "radius", "edge_list": "edges_file"}
+TOPOLOGY_NEEDS_EXAMPLE = {"p": "p = 0.5", "radius": "radius = 0.5", "edges_file": 'edges_file = "edges.txt"'}
 
 
 # --------------------------------------------------------------------------------- schedules

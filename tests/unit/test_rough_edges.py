@@ -161,3 +161,19 @@ def test_keys_are_not_overwritten_without_force(tmp_path: Path, capsys: pytest.C
     assert (folder / "peer-0.key_secret").read_bytes() != before
     _, err = capsys.readouterr()
     assert "still holds keys of peer-1" in err  # not replaced, and said so
+
+
+# ----------------------------------------------------------------------- the edge list's option
+
+
+def test_an_edge_list_without_its_file_names_edges_file(tiny: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(tiny, ['topology.name="edge_list"'], environ={})
+    assert info.value.field == "topology.edges_file"
+    assert "path" not in str(info.value) and 'edges_file = "' in str(info.value)
+    with pytest.raises(ConfigError, match=r"topology\.p=None: topology 'erdos_renyi' needs topology\.p"):
+        load_config(tiny, ['topology.name="erdos_renyi"'], environ={})
+    edges = tiny.parent / "edges.txt"
+    edges.write_text("0 1\n")
+    config = load_config(tiny, ['topology.name="edge_list"', f'topology.edges_file="{edges}"'], environ={})
+    assert config.topology.edges_file == edges
