@@ -24,8 +24,9 @@
 
 ``summary.json`` is written atomically (temp file, fsync, rename), so a crash never leaves half a
 summary; ``.jsonl`` files are appended and flushed row by row, and a torn last line is ignored
-when read. A peer that finished also leaves ``peer-<i>/final.json`` (its summary entry) and
-``peer-<i>/final.pt`` (its parameters).
+when read. A fresh run replaces its ``metrics.jsonl``; a resumed one first drops the rows of the
+rounds it runs again (:class:`MetricsWriter`). A peer that finished also leaves
+``peer-<i>/final.json`` (its summary entry) and ``peer-<i>/final.pt`` (its parameters).
 """
 
 from __future__ import annotations
@@ -150,11 +151,27 @@ def read_summary(directory: Path) -> dict[str, Any]:
 
 
 class MetricsWriter:
-    """Appends one JSON line per round and flushes, so a crash loses at most the line in flight."""
+    """Writes one JSON line per round and flushes, so a crash loses at most the line in flight.
 
-    def __init__(self, path: Path) -> None:
+    A fresh run (``resume_from`` None) replaces what an earlier run left in the file (``replaced``
+    counts those rows), so a relaunch into the same folder does not follow the old rows. A run
+    resumed at round ``resume_from`` keeps the earlier rows of rounds before it, drops those of
+    rounds from it on (``dropped``: they are run again), and appends."""
+
+    def __init__(self, path: Path, *, resume_from: int | None = None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        self.replaced = 0
+        self.dropped = 0
+        old = read_metrics(path) if path.is_file() else []
+        if resume_from is None:
+            self.replaced = len(old)
+            self._f = path.open("w", encoding="utf-8")
+            return
+        keep = [r for r in old if isinstance(r.get("round"), int) and r["round"] < resume_from]
+        self.dropped = len(old) - len(keep)
+        if self.dropped:  # atomically: a crash now leaves the old file or the trimmed one
+            atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in keep).encode())
         self._f = path.open("a", encoding="utf-8")
 
     def write(self, row: Mapping[str, Any]) -> None:

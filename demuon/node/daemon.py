@@ -226,7 +226,7 @@ class Daemon:
         for sig in signals:
             loop.add_signal_handler(sig, self._on_signal, sig)
         try:
-            self._metrics = results.MetricsWriter(self.out / results.METRICS)
+            self._metrics = self._open_metrics()
             await self.transport.start()
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._receive(), name="receive")
@@ -383,6 +383,21 @@ class Daemon:
             )
         left = net.start_timeout_s - (time.perf_counter() - start)
         self.gossip.first_timeout_s = max(net.phase_timeout_s, left)
+
+    def _open_metrics(self) -> results.MetricsWriter:
+        """``metrics.jsonl``: replaced by a fresh run, trimmed to the rounds before ours when resumed."""
+        path = self.out / results.METRICS
+        writer = results.MetricsWriter(path, resume_from=self.start_round if self.resumed else None)
+        if writer.replaced:
+            log.info("fresh run: replaced the %d rows an earlier run left in %s", writer.replaced, path)
+        if writer.dropped:
+            log.info(
+                "resumed at round %d: dropped %d rows of rounds from it on in %s",
+                self.start_round,
+                writer.dropped,
+                path,
+            )
+        return writer
 
     async def _leave(self, k: int, *, announce: bool = False) -> None:
         """Leave before round ``k``: hand our share of the trackers to the heir (the plan's, or our

@@ -177,3 +177,44 @@ def test_an_edge_list_without_its_file_names_edges_file(tiny: Path) -> None:
     edges.write_text("0 1\n")
     config = load_config(tiny, ['topology.name="edge_list"', f'topology.edges_file="{edges}"'], environ={})
     assert config.topology.edges_file == edges
+
+
+# ------------------------------------------------------------------- metrics of a relaunched run
+
+
+def test_a_fresh_writer_replaces_and_a_resumed_one_trims(tmp_path: Path) -> None:
+    path = tmp_path / results.METRICS
+    w = results.MetricsWriter(path)
+    for k in range(5):
+        w.write({"round": k})
+    w.close()
+    again = results.MetricsWriter(path)  # a relaunch without --resume
+    assert again.replaced == 5 and path.read_text() == ""
+    for k in range(4):
+        again.write({"round": k})
+    again.close()
+    resumed = results.MetricsWriter(path, resume_from=2)  # the checkpoint was of round 1
+    assert resumed.dropped == 2 and resumed.replaced == 0
+    for k in range(2, 6):
+        resumed.write({"round": k})
+    resumed.close()
+    assert [r["round"] for r in results.read_metrics(path)] == [0, 1, 2, 3, 4, 5]
+    untouched = results.MetricsWriter(path, resume_from=6)  # nothing to drop: appended to as it is
+    assert untouched.dropped == 0
+    untouched.close()
+    assert len(results.read_metrics(path)) == 6
+
+
+async def test_a_daemon_relaunched_into_its_folder_starts_its_metrics_again(
+    tiny: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = load_config(tiny, ["checkpoint.every=1"], environ={})
+    for _ in range(2):
+        daemons = inproc_daemons(config, tmp_path)
+        with caplog.at_level(logging.INFO, logger="demuon.node.daemon"):
+            assert await asyncio.gather(*(d.run() for d in daemons)) == [DaemonStatus.STOPPED] * 2
+    assert "fresh run: replaced the 3 rows" in caplog.text
+    for i in range(2):
+        rows = results.read_metrics(tmp_path / f"peer-{i}" / results.METRICS)
+        assert [r["round"] for r in rows] == [0, 1, 2]
+        assert json.loads((tmp_path / f"peer-{i}" / "final.json").read_text())["status"] == "done"
