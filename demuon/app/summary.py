@@ -19,6 +19,7 @@ from rich.console import Console
 
 from demuon import results
 from demuon.config import Config, math_fingerprint
+from demuon.errors import WorkloadError
 
 
 def config_fields(config: Config) -> dict[str, Any]:
@@ -118,7 +119,7 @@ def launch_summary(
             states[i] = state
     try:
         val = average_validation_loss(config, list(states.values()))
-    except (KeyError, RuntimeError) as exc:  # tensors that do not fit the config's workload
+    except (KeyError, RuntimeError, WorkloadError) as exc:  # tensors that do not fit, no workload
         Console(stderr=True).print(f"[yellow]warning:[/yellow] validation of the average failed: {exc}")
         val = None
     return results.summary(

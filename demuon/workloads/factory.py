@@ -7,6 +7,9 @@ workload imports), so the built-in workloads can be imported at the top without 
 from __future__ import annotations
 
 import importlib
+import os
+import sys
+from types import ModuleType
 
 import torch
 
@@ -18,11 +21,27 @@ from demuon.workloads.logistic import LogisticRegression
 from demuon.workloads.quadratic import LeastSquares
 
 
+def import_user_module(name: str) -> ModuleType:
+    """Import the module of a ``module:function`` reference as ``python -m`` would, with the current
+    folder on the path: the peers of ``demuon launch`` (``python -m demuon run``) find a module
+    there, so the ``demuon`` console script, whose path starts at its own folder, must as well (the
+    summary imports the workload again). The folder is appended, so it shadows nothing installed."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        top, cwd = name.partition(".")[0], os.getcwd()
+        if exc.name != top or cwd in sys.path or "" in sys.path:
+            raise
+        sys.path.append(cwd)
+        importlib.invalidate_caches()
+        return importlib.import_module(name)
+
+
 def _custom(cfg: CustomWorkload, seed: int, device: torch.device) -> Workload:
     """Import ``module:function`` and call ``function(options=..., seed=..., device=...)``."""
     module_name, _, function_name = cfg.factory.partition(":")
     try:
-        module = importlib.import_module(module_name)
+        module = import_user_module(module_name)
         factory = getattr(module, function_name)
     except (ImportError, AttributeError) as exc:
         raise WorkloadError(

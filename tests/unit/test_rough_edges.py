@@ -218,3 +218,52 @@ async def test_a_daemon_relaunched_into_its_folder_starts_its_metrics_again(
         rows = results.read_metrics(tmp_path / f"peer-{i}" / results.METRICS)
         assert [r["round"] for r in rows] == [0, 1, 2]
         assert json.loads((tmp_path / f"peer-{i}" / "final.json").read_text())["status"] == "done"
+
+
+# ---------------------------------------------------------- a custom workload in the current folder
+
+FACTORY = """
+from demuon.config import QuadraticWorkload
+from demuon.workloads.quadratic import LeastSquares
+
+
+def make(options, seed, device):
+    return LeastSquares(QuadraticWorkload(rows=8, dim_in=4, dim_out=2), seed=seed, device=device)
+"""
+
+
+def test_a_custom_workload_in_the_current_folder_is_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name = "rough_edges_workload"
+    (tmp_path / f"{name}.py").write_text(FACTORY)
+    monkeypatch.chdir(tmp_path)
+    # as under the `demuon` console script: the path starts at the script's folder, not the cwd
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    try:
+        config = load_config(
+            None, ['workload={kind = "custom", factory = "rough_edges_workload:make"}'], environ={}
+        )
+        workload = make_workload(config.workload, seed=0, device=torch.device("cpu"))
+        assert workload.build_model(0)
+        assert sys.path[-1] == str(tmp_path)  # appended: it shadows nothing installed
+    finally:
+        sys.modules.pop(name, None)
+
+
+def test_a_summary_is_written_when_the_workload_cannot_be_imported(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = load_config(
+        None, ["peers=1", 'workload={kind = "custom", factory = "no_such_module_here:make"}'], environ={}
+    )
+    folder = results.peer_folder(tmp_path, 0)
+    folder.mkdir()
+    entry = results.peer_entry(0, 4, 1.5, (0.0, 1.0))
+    (folder / "final.json").write_text(json.dumps(entry))
+    torch.save({"w": torch.zeros(2)}, folder / "final.pt")
+    with pytest.raises(WorkloadError):
+        make_workload(config.workload, seed=0, device=torch.device("cpu"))
+    data = launch_summary(config, tmp_path)
+    assert data["average"]["validation_loss"] is None and data["peers"][0]["final_round"] == 4
+    assert "No module named 'no_such_module_here'" in capsys.readouterr().err
