@@ -17,8 +17,9 @@
                 "from": "final"}, ...],
      "average": {"validation_loss": 1.30}}
 
-  ``status`` is done | stopped | crashed | failed; ``from`` names where the peer's final state was
-  read (final, checkpoint, metrics, none; the simulator's is always final). ``tracking_drift`` is
+  ``status`` is done | stopped | crashed | failed | left | lonely (it ran but never heard from a
+  neighbour); ``from`` names where the peer's final state was read (final, checkpoint, metrics,
+  none; the simulator's is always final). ``tracking_drift`` is
   ‖mean V − mean M‖ / ‖mean M‖ at the end, tracker mass in flight counted as delivered (None
   without a tracker, or when a peer's state is missing); ``faults`` totals the rows' counters.
 

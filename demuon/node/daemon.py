@@ -44,7 +44,7 @@ import os
 import signal
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -82,6 +82,7 @@ class DaemonStatus(enum.Enum):
     STOPPING = "stopping"
     STOPPED = "stopped"
     FAILED = "failed"
+    LONELY = "lonely"  # ran its rounds but never heard from any neighbour: it trained alone
 
 
 class Control(Protocol):
@@ -197,6 +198,9 @@ class Daemon:
         self._metrics: results.MetricsWriter | None = None
         self._closed = False
         self._signalled = False
+        self.in_neighbours = sorted({j for view in peer.views for j, _ in view.in_neighbours})
+        self.heard: set[int] = set()  # neighbours any message came from (late ones too)
+        self._interrupt = asyncio.Event()  # a leave asked for: ends the start-up wait, as a stop does
 
     @property
     def status(self) -> DaemonStatus:
@@ -217,7 +221,9 @@ class Daemon:
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> DaemonStatus:
-        """Run to the end (or a stop). Returns STOPPED or FAILED; never raises for a run failure."""
+        """Run to the end (or a stop). Returns STOPPED, FAILED or LONELY (it ran rounds but never
+        heard from a neighbour: logged as an error, ``lonely`` in final.json); never raises for a
+        run failure."""
         if self.status is not DaemonStatus.NEW:
             raise RuntimeError(f"a daemon runs once (status {self.status.name})")
         self.status = DaemonStatus.STARTING
@@ -245,7 +251,9 @@ class Daemon:
         if self.aborted:
             self.status = DaemonStatus.FAILED
         elif self.status is not DaemonStatus.FAILED:
-            self.status = DaemonStatus.STOPPED
+            self.status = DaemonStatus.LONELY if self.lonely else DaemonStatus.STOPPED
+        if self.status is DaemonStatus.LONELY:
+            log.error("%s", self.lonely_reason())
         log.info("peer %s after round %s", self.status.name.lower(), self.last_completed)
         return self.status
 
@@ -268,6 +276,7 @@ class Daemon:
         """Leave for good after the current round: hand our share of the trackers to a neighbour,
         tell the others, stop (a leave announced at run time, docs/algorithms.md §8)."""
         self._leave_requested = True
+        self._interrupt.set()
 
     async def close(self) -> None:
         """Close the transport, the services and the metrics file. Idempotent, never hangs."""
@@ -295,6 +304,7 @@ class Daemon:
                 if self._closed or self.status is DaemonStatus.STOPPING:
                     return
                 raise
+            self.heard.add(item.message.sender)
             self.gossip.deliver(item)
 
     async def _control(self) -> None:
@@ -368,21 +378,51 @@ class Daemon:
 
     async def _wait_ready(self) -> None:
         """Start-up: wait (up to ``network.start_timeout_s``) for links to every recipient, so the
-        first messages are not dropped by a connection still in progress."""
+        first messages are not dropped by a connection still in progress. A stop or a leave asked
+        for meanwhile ends the wait at once."""
         net = self.gossip.net
         targets = sorted({j for k in range(len(self.peer.views)) for j in self.peer.recipients(k)})
         wait_ready = getattr(self.transport, "wait_ready", None)
         start = time.perf_counter()
         if wait_ready is not None and targets:
-            ok = await wait_ready(targets, net.start_timeout_s)
-            log.info(
-                "links to %s %s after %.2fs",
-                targets,
-                "up" if ok else "NOT all up",
-                time.perf_counter() - start,
-            )
+            ok = await self._unless_interrupted(wait_ready(targets, net.start_timeout_s))
+            took = time.perf_counter() - start
+            if ok is None:
+                log.info("start-up wait for links to %s ended after %.2fs: stop asked for", targets, took)
+            elif ok:
+                log.info("links to %s up after %.2fs", targets, took)
+            else:
+                missing = [t for t in targets if not await wait_ready([t], 0.0)]
+                log.warning("links to %s NOT up after %.2fs (of %s)", missing, took, targets)
         left = net.start_timeout_s - (time.perf_counter() - start)
         self.gossip.first_timeout_s = max(net.phase_timeout_s, left)
+
+    async def _unless_interrupted(self, wait: Awaitable[bool]) -> bool | None:
+        """``wait``'s result, or None (``wait`` cancelled) as soon as a stop or leave is asked for."""
+        task = asyncio.ensure_future(wait)
+        stop = asyncio.ensure_future(self.control.stop.wait())
+        interrupt = asyncio.ensure_future(self._interrupt.wait())
+        try:
+            await asyncio.wait({task, stop, interrupt}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (task, stop, interrupt):
+                t.cancel()
+            await asyncio.wait({task, stop, interrupt})
+        return None if task.cancelled() else task.result()
+
+    @property
+    def lonely(self) -> bool:
+        """This run had neighbours to hear from, ran rounds, and never heard from any of them."""
+        ran = self.last_completed is not None and self.last_completed >= self.start_round
+        return ran and self.left_at is None and bool(self.in_neighbours) and not self.heard
+
+    def lonely_reason(self) -> str:
+        """One line for the log: why the run is not a success."""
+        return (
+            f"peer {self.peer.index} never heard from any of its neighbours {self.in_neighbours} in rounds "
+            f"{self.start_round}..{self.last_completed}: it trained alone (status lonely); are they running, "
+            "and can they reach this peer's endpoint?"
+        )
 
     def _open_metrics(self) -> results.MetricsWriter:
         """``metrics.jsonl``: replaced by a fresh run, trimmed to the rounds before ours when resumed."""
@@ -452,6 +492,9 @@ class Daemon:
         entry = results.peer_entry(self.peer.index, self.last_completed, loss, self.peer.fingerprint())
         if self.left_at is not None:
             entry["status"], entry["left_at"] = "left", self.left_at
+        elif self.lonely:
+            entry["status"], entry["reason"] = "lonely", self.lonely_reason()
+            entry["exit_code"] = None  # not a success: the process exits non-zero
         if not math.isfinite(loss):
             entry["final_train_loss"] = None  # JSON has no NaN
         atomic_write_bytes(self.out / "final.json", (json.dumps(entry, indent=2) + "\n").encode())

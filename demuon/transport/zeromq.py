@@ -65,6 +65,10 @@ MAX_IDENTITY_DIGITS = 10
 #: Reconnect back-off of the DEALERs (first try, ceiling), in ms.
 RECONNECT_IVL_MS = 100
 RECONNECT_IVL_MAX_MS = 2000
+#: :meth:`ZmqTransport.wait_ready` names the endpoints it still waits for after this many seconds,
+#: and polls in slices of at most READY_POLL_S.
+READY_NOTICE_S = 1.0
+READY_POLL_S = 0.25
 #: The receive loop yields to the event loop after this many messages in a row: a ready socket
 #: makes ``await recv_multipart`` return without suspending, so a flood would starve other tasks.
 YIELD_EVERY = 32
@@ -306,17 +310,40 @@ class ZmqTransport(Generic[T]):
 
     async def wait_ready(self, targets: Sequence[int], timeout_s: float) -> bool:
         """True once every target's DEALER has a live connection (handshake done), else False
-        at the deadline. A connection that died but is not yet detected still counts as live."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
+        at the deadline. A connection that died but is not yet detected still counts as live.
+
+        After :data:`READY_NOTICE_S` without every link, logs once which endpoints it still waits
+        for. It polls in slices of at most :data:`READY_POLL_S`, so a cancelled wait (a stop
+        during start-up) ends at once."""
+        socks: dict[int, Any] = {}
         for t in targets:
             sock = self._dealers.get(t)
             if sock is None:
                 raise TransportError(f"unknown target peer {t}", peer=t)
-            left_ms = max(0, int((deadline - loop.time()) * 1000))
-            if not await cast(Any, sock).poll(left_ms, zmq.POLLOUT):  # pyzmq stub lacks flags
+            socks[t] = sock  # pyzmq's stub lacks poll's flags
+        loop = asyncio.get_running_loop()
+        begin = loop.time()
+        deadline = begin + timeout_s
+        notice: float | None = begin + READY_NOTICE_S
+        pending = list(socks)
+        while True:
+            pending = [t for t in pending if not await socks[t].poll(0, zmq.POLLOUT)]
+            now = loop.time()
+            if not pending:
+                return True
+            if now >= deadline:
                 return False
-        return True
+            if notice is not None and now >= notice:
+                notice = None
+                waiting = ", ".join(f"peer {t} at {self._endpoints[t]}" for t in pending)
+                log.warning(
+                    "peer %d: waiting up to %.0f s more for links to %s",
+                    self.peer_id,
+                    deadline - now,
+                    waiting,
+                )
+            wake = deadline if notice is None else min(deadline, notice)
+            await socks[pending[0]].poll(max(1, int(min(wake - now, READY_POLL_S) * 1000)), zmq.POLLOUT)
 
     # ---------------------------------------------------------------------------- shutdown
 

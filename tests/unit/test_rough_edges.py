@@ -267,3 +267,83 @@ def test_a_summary_is_written_when_the_workload_cannot_be_imported(
     data = launch_summary(config, tmp_path)
     assert data["average"]["validation_loss"] is None and data["peers"][0]["final_round"] == 4
     assert "No module named 'no_such_module_here'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------- a lonely peer
+
+
+async def test_a_peer_that_never_hears_a_neighbour_is_lonely_not_done(
+    tiny: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = load_config(tiny, ["network.start_timeout_s=0.05"], environ={})
+    daemon = inproc_daemon(config, InprocHub(range(2)), 0, tmp_path)  # peer 1 never comes
+    with caplog.at_level(logging.INFO, logger="demuon.node.daemon"):
+        assert await daemon.run() is DaemonStatus.LONELY
+    assert "links to [1] NOT up" in caplog.text
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [daemon.lonely_reason()] and "never heard from any of its neighbours [1]" in errors[0]
+    final = json.loads((tmp_path / "peer-0" / "final.json").read_text())
+    assert final["status"] == "lonely" and final["exit_code"] is None and final["final_round"] == 2
+
+
+def test_demuon_run_of_a_lonely_peer_exits_non_zero(
+    tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ports = free_ports(2)
+    peers = ", ".join(f'{{id = {i}, endpoint = "tcp://127.0.0.1:{p}"}}' for i, p in enumerate(ports))
+    argv = ["run", "--config", str(tiny), "--peer", "0", "--out", str(tmp_path / "peer-0")]
+    argv += ["--set", f"network.peers=[{peers}]", "--set", "network.start_timeout_s=0.2"]
+    assert cli.main(argv) != 0
+    _, err = capsys.readouterr()
+    assert "Traceback" not in err
+    assert [line for line in err.splitlines() if " ERROR " in line] == [
+        next(line for line in err.splitlines() if "never heard from any of its neighbours [1]" in line)
+    ]
+    assert json.loads((tmp_path / "peer-0" / "final.json").read_text())["status"] == "lonely"
+
+
+async def test_a_stop_during_the_start_wait_acts_at_once(tiny: Path, tmp_path: Path) -> None:
+    config = load_config(tiny, ["network.start_timeout_s=60"], environ={})
+    hub = InprocHub(range(2))
+    control = LocalControl()
+    daemon = inproc_daemon(config, hub, 0, tmp_path, control=control)
+    task = asyncio.create_task(daemon.run())
+    while hub.live(0) is None:  # until its transport is up: the wait for peer 1 has begun
+        await asyncio.sleep(0)
+    for _ in range(10):
+        await asyncio.sleep(0)
+    began = time.monotonic()
+    control.apply("stop")  # what SIGINT / SIGTERM do
+    async with asyncio.timeout(5.0):
+        assert await task is DaemonStatus.STOPPED
+    assert time.monotonic() - began < 1.0
+    assert daemon.last_completed is None and not (tmp_path / "peer-0" / "final.json").exists()
+
+
+async def test_the_zmq_wait_names_the_endpoints_and_is_cancelled_at_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    (port,) = free_ports(1)
+    absent = f"tcp://127.0.0.1:{port}"
+
+    def decode(sender: int, frames: list[memoryview]) -> Any:
+        return frames
+
+    transport: zeromq.ZmqTransport[Any] = zeromq.ZmqTransport(0, "tcp://127.0.0.1:*", {1: absent}, decode)
+    await transport.start()
+    try:
+        monkeypatch.setattr(zeromq, "READY_NOTICE_S", 0.0)
+        with caplog.at_level(logging.WARNING, logger="demuon.transport.zeromq"):
+            assert await transport.wait_ready([1], 0.3) is False
+        notices = [r.getMessage() for r in caplog.records]
+        assert len(notices) == 1 and f"peer 1 at {absent}" in notices[0]
+        task = asyncio.create_task(transport.wait_ready([1], 60.0))
+        for _ in range(10):
+            await asyncio.sleep(0)
+        began = time.monotonic()
+        task.cancel()
+        async with asyncio.timeout(1.0):
+            await asyncio.wait({task})
+        assert task.cancelled() and time.monotonic() - began < 0.5
+    finally:
+        await transport.close()
