@@ -322,7 +322,7 @@ async def run_peer(config: Config, start: Start, out: Path) -> DaemonStatus:
     from demuon.node.telemetry import Telemetry
 
     telemetry = Telemetry(config.telemetry, start.peer.index, run=run_name(config))
-    prometheus = Prometheus(config.telemetry, start.peer.index, rounds=config.rounds)
+    prometheus = Prometheus(config.telemetry, start.peer.index, run=run_name(config), rounds=config.rounds)
     hooks: list[RoundHook] = [telemetry.publish] if telemetry.enabled else []
     services: list[Service] = [telemetry] if telemetry.enabled else []
     if prometheus.enabled:

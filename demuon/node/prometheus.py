@@ -6,7 +6,8 @@
 own (``asyncio.start_server`` on the daemon's loop, one short ``GET`` per connection): no thread,
 and closing it drops open connections, so nothing outlives the daemon. Every peer has its own
 :class:`~prometheus_client.CollectorRegistry` (never the process-global one); its series carry
-the label ``peer`` (and ``run`` when a run id is given).
+the labels ``peer`` and, when a run name is given (``demuon run`` gives ``run_name(config)``, the
+``run`` of the MQTT payloads), ``run``.
 
 :meth:`Prometheus.observe` is the daemon's ``on_round`` hook: each row of ``metrics.jsonl``
 (:class:`demuon.node.rounds.RoundMetrics`) updates the series below (``ROW_SERIES``; the test
@@ -52,7 +53,7 @@ series                                     not from a row
 
 Wiring (``demuon.app.run.run_peer``)::
 
-    prometheus = Prometheus(config.telemetry, peer_id, rounds=config.rounds)
+    prometheus = Prometheus(config.telemetry, peer_id, run=run_name(config), rounds=config.rounds)
     daemon = Daemon(..., on_round=prometheus.observe, services=[prometheus])
     prometheus.watch(lambda: daemon.status.value, states)
     await prometheus.start()     # binds now: a taken port is a TransportError, before any round

@@ -24,7 +24,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from demuon.app.compose import service_name
-from demuon.app.run import PEER_STATES, fan_out, peer_state, prepare, run_peer
+from demuon.app.run import PEER_STATES, fan_out, peer_state, prepare, run_name, run_peer
 from demuon.config import TelemetryConfig, load_config
 from demuon.errors import TransportError
 from demuon.node import prometheus as prometheus_module
@@ -354,8 +354,9 @@ async def test_demuon_run_serves_the_rows_and_closes_the_endpoint(
     [exporter] = Recorded.made
     assert exporter.rows == 3 and exporter.port is not None and refused(exporter.port)
     got = exporter.registry.get_sample_value
-    assert got("demuon_rounds_completed_total", {"peer": "0"}) == 3
-    assert got("demuon_status", {"peer": "0", "state": "running"}) == 0  # read now: the run is over
+    labels = {"peer": "0", "run": run_name(config)}  # the run of the MQTT payloads
+    assert got("demuon_rounds_completed_total", labels) == 3
+    assert got("demuon_status", labels | {"state": "running"}) == 0  # read now: the run is over
 
 
 async def test_demuon_run_with_a_taken_metrics_port_raises_before_any_round(
