@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run one peer of a cluster (ZeroMQ gossip)", formatter_class=fmt)
     r.add_argument("--config", type=Path, required=True, help="the cluster's TOML file (same on every peer)")
     r.add_argument("--peer", type=int, required=True, help="this peer's id, 0..peers-1")
-    r.add_argument("--out", type=Path, help="output folder (default runs/peer-<id>)")
+    r.add_argument("--out", type=Path, help="output folder (default: runs/peer-<id>)")
     r.add_argument("--resume", action="store_true", help="continue from this peer's checkpoint")
     _set(r)
     _faults(r)

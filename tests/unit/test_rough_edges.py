@@ -347,3 +347,26 @@ async def test_the_zmq_wait_names_the_endpoints_and_is_cancelled_at_once(
         assert task.cancelled() and time.monotonic() - began < 0.5
     finally:
         await transport.close()
+
+
+# --------------------------------------------------------------------------------- the help
+
+
+def test_version_and_every_help_shows_its_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    from demuon import __version__
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"demuon {__version__}"
+    parsers = [cli.build_parser()]
+    checked = 0
+    while parsers:
+        parser = parsers.pop()
+        text = " ".join(parser.format_help().split())
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                parsers += list(action.choices.values())
+            elif action.default not in (None, False, [], argparse.SUPPRESS) and action.help:
+                assert f"(default: {action.default})" in text, (parser.prog, action.dest)
+                checked += 1
+    assert checked >= 5
