@@ -12,7 +12,8 @@ the endpoints of its neighbours. Output folder (default ``runs/peer-<id>``): ``m
 
 Exit codes: 0 finished or stopped cleanly (SIGTERM/SIGINT: the current round finishes and a
 checkpoint is written), 1 the run failed, 2 a bad config, peer id or checkpoint, or an endpoint
-that cannot be bound (nothing started; one ``error: ...`` line on stderr).
+that cannot be bound (nothing started; one ``error: ...`` line on stderr), 3 the peer never heard
+from any neighbour (it trained alone: ``final.json`` has status ``lonely`` and the reason).
 """
 
 from __future__ import annotations
@@ -68,7 +69,9 @@ TELEMETRY_STATUS = {
     DaemonStatus.STOPPING: "stopping",
     DaemonStatus.STOPPED: "stopped",
     DaemonStatus.FAILED: "failed",
+    DaemonStatus.LONELY: "lonely",  # never heard from any neighbour: not a success
 }
+EXIT_LONELY = 3  # the run ended without ever hearing from a neighbour (final.json says why)
 
 
 def telemetry_status(status: DaemonStatus) -> str:
@@ -107,6 +110,7 @@ def daemon_settings(config: Config, peer_id: int | None = None) -> DaemonSetting
         heir=heir_of(config, peer_id) if peer_id in plan else None,
         inherit={r: tuple(sorted(js)) for r, js in inherit.items()},
         on_sigterm=config.network.on_sigterm,
+        eval_every=config.eval_every,
     )
 
 
@@ -394,4 +398,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     with peer_logging(out, args.peer):
         start = prepare(config, args.peer, out, resume=args.resume, blob=blob)
         status = uvloop.run(run_peer(config, start, out))
+    if status is DaemonStatus.LONELY:
+        return EXIT_LONELY
     return 0 if status is DaemonStatus.STOPPED else 1

@@ -293,7 +293,7 @@ def test_demuon_run_of_a_lonely_peer_exits_non_zero(
     peers = ", ".join(f'{{id = {i}, endpoint = "tcp://127.0.0.1:{p}"}}' for i, p in enumerate(ports))
     argv = ["run", "--config", str(tiny), "--peer", "0", "--out", str(tmp_path / "peer-0")]
     argv += ["--set", f"network.peers=[{peers}]", "--set", "network.start_timeout_s=0.2"]
-    assert cli.main(argv) != 0
+    assert cli.main(argv) == 3  # demuon.app.run.EXIT_LONELY
     _, err = capsys.readouterr()
     assert "Traceback" not in err
     assert [line for line in err.splitlines() if " ERROR " in line] == [
