@@ -46,6 +46,17 @@ def _faults(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: a whole number ≥ 1 (the message is argparse's one error line)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number ≥ 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number ≥ 1, got {value}")
+    return value
+
+
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows ``(default: …)`` for every option that has a default worth showing."""
 
@@ -62,7 +73,7 @@ def _launch_options(la: argparse.ArgumentParser) -> None:
     _set(la, "a setting of every peer")
     _faults(la)
     la.add_argument("--no-live", action="store_true", help="print a line every --every rounds, no live table")
-    la.add_argument("--every", type=int, default=10, help="rounds between lines with --no-live")
+    la.add_argument("--every", type=_positive_int, default=10, help="rounds between lines with --no-live")
     la.add_argument(
         "--grace", type=float, help="seconds between SIGTERM and SIGKILL (default: 2 deadlines + 5)"
     )
@@ -104,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
         "launch", help="run every peer of a cluster file on this machine", formatter_class=fmt
     )
     _launch_options(la)
+    again = la.add_mutually_exclusive_group()
+    again.add_argument(
+        "--resume", action="store_true", help="restart every peer from its checkpoint in --out (run --resume)"
+    )
+    again.add_argument(
+        "--force", action="store_true", help="remove a previous run in --out first (keys/ is kept)"
+    )
     la.set_defaults(func=_lazy("launch", "cmd_launch"))
 
     nl = sub.add_parser(
