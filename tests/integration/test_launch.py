@@ -19,17 +19,20 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import aiomqtt
 
 from demuon import results
 from demuon.app import cli, compose
+from demuon.app.summary import launch_summary
 from demuon.config import load_config
+from demuon.node.daemon import Control, DaemonStatus, LocalControl
 from demuon.node.rounds import ROW_KEYS
 from tests.support.broker import mosquitto, needs_broker
-from tests.support.cluster import CONFIGS, endpoints_setting, free_ports
+from tests.support.cluster import CONFIGS, endpoints_setting, free_ports, inproc_daemons
 
 ORACLE = CONFIGS / "oracle-ring4.toml"
 ROOT = CONFIGS.parents[1]
@@ -304,3 +307,68 @@ def test_a_planned_crash_is_restarted_from_its_checkpoint_and_the_run_finishes(t
         rows = results.read_metrics(out / f"peer-{i}" / "metrics.jsonl")
         assert [r["round"] for r in rows] == list(range(14))
         assert max(r["t_wait_max"] - r["deadline_s"] for r in rows[1:]) <= 1.0
+
+
+def test_a_peer_that_cannot_bind_stops_the_launch_at_once_with_its_error_line(tmp_path: Path) -> None:
+    """Peer 1's endpoint is on no interface of this machine (TEST-NET-1, which launch's own port
+    check leaves to the peer): it exits 2 before its first round, launch kills the peer still
+    waiting for it instead of letting it wait out start_timeout_s, and prints peer 1's error."""
+    config = write_config(tmp_path / "cluster.toml", rounds=ROUNDS)
+    text = config.read_text()
+    config.write_text(
+        text.replace('id = 1\nendpoint = "tcp://127.0.0.1:', 'id = 1\nendpoint = "tcp://192.0.2.1:')
+    )
+    out = tmp_path / "run"
+    with launched(config, out) as proc:
+        output, _ = proc.communicate(timeout=DEADLINE_S)
+        pids = recorded_pids(out)
+    lines = output.decode().splitlines()
+    assert proc.returncode == 1, lines
+    failure = next(line for line in lines if line.startswith("peer 1 exited with 2 during start-up"))
+    assert failure.endswith("(is the host an address of this machine?)")
+    assert ": error: cannot bind tcp://192.0.2.1:" in failure
+    assert len(pids) == N_PEERS and not [pid for pid in pids if alive(pid)]
+    data = results.read_summary(out)
+    assert data["failed"] == [1] and data["interrupted"] is True
+    assert [p["status"] for p in data["peers"]] == ["stopped", "failed"]
+    assert results.read_metrics(out / "peer-0" / results.METRICS) == []  # it never ran a round
+
+
+async def test_resume_restarts_every_peer_from_its_checkpoint_and_rebuilds_the_summary(
+    tmp_path: Path,
+) -> None:
+    """The run folder a stopped launch leaves (both peers stopped after a few rounds with their
+    checkpoints, an interrupted summary; made in-process here); a plain relaunch into it is
+    refused, and ``--resume`` runs the remaining rounds on both and writes a new summary."""
+    rounds = 8
+    config = write_config(tmp_path / "cluster.toml", rounds=rounds)
+    out = tmp_path / "run"
+    first = load_config(config, ["network.start_timeout_s=5.0"])
+    controls: dict[int, Control] = {i: LocalControl() for i in range(N_PEERS)}
+
+    def stop_at_round_2(row: Mapping[str, Any]) -> None:
+        for control in controls.values():
+            if row["round"] == 2:
+                control.apply("stop")
+
+    daemons = inproc_daemons(first, out, hooks={0: stop_at_round_2}, controls=controls)
+    assert await asyncio.gather(*(d.run() for d in daemons)) == [DaemonStatus.STOPPED] * N_PEERS
+    stopped_at: list[int] = []
+    for d in daemons:
+        assert d.last_completed is not None and d.last_completed < rounds - 1
+        stopped_at.append(d.last_completed)
+    results.write_summary(out, launch_summary(first, out, interrupted=True))
+    assert cli.main(["launch", "--config", str(config), "--out", str(out), "--no-live"]) == 2  # refused
+
+    with launched(config, out, (), "--resume") as proc:
+        output, _ = await asyncio.to_thread(proc.communicate, timeout=DEADLINE_S)
+        assert proc.returncode == 0, output.decode()
+    assert f"resumed {N_PEERS} peers" in output.decode()
+    data = results.read_summary(out)
+    assert data["interrupted"] is False and data["failed"] == []
+    assert [(p["status"], p["final_round"], p["from"]) for p in data["peers"]] == [("done", 7, "final")] * 2
+    for i in range(N_PEERS):
+        log = (out / f"peer-{i}" / "stdout.txt").read_text()
+        assert f"at round {stopped_at[i] + 1}" in log.split("resumed from", 1)[1].splitlines()[0]
+        rows = results.read_metrics(out / f"peer-{i}" / "metrics.jsonl")
+        assert [r["round"] for r in rows] == list(range(rounds))  # one row per round, none twice
