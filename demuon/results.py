@@ -228,8 +228,10 @@ def run_series(
     cluster rows where there are any): ``round``, ``train_loss`` (mean over the peers that ran the
     round) with ``train_loss_min``/``train_loss_max``, ``bytes_out`` (all peers),
     ``local_disagreement`` (mean), ``missing`` (messages missing, all peers), ``down`` (peers that
-    saw a neighbour down), and from ``cluster.jsonl`` ``val_loss``, ``consensus_error``,
-    ``tracking_gap`` (None for a launch)."""
+    saw a neighbour down), ``reporting`` (peers with a row of the round), ``peer_val_loss`` (mean
+    of the peers' own validation losses, rows' ``val_loss``, None on rounds without one) with
+    ``peer_val_loss_min``/``peer_val_loss_max``, and from ``cluster.jsonl`` ``val_loss`` (the
+    averaged model), ``consensus_error``, ``tracking_gap`` (None for a launch)."""
     by_round: dict[int, list[Mapping[str, Any]]] = {}
     for rows in per_peer.values():
         for r in rows:
@@ -241,6 +243,7 @@ def run_series(
         rows = by_round.get(k, [])
         losses = [v for r in rows if (v := _number(r.get("train_loss"))) is not None]
         dis = [v for r in rows if (v := _number(r.get("local_disagreement"))) is not None]
+        vals = [v for r in rows if (v := _number(r.get("val_loss"))) is not None]
         c = extra.get(k, {})
         out.append(
             {
@@ -252,6 +255,10 @@ def run_series(
                 "local_disagreement": sum(dis) / len(dis) if dis else None,
                 "missing": sum(len(r.get("missing") or ()) for r in rows),
                 "down": sum(1 for r in rows if r.get("down")),
+                "reporting": len(rows),
+                "peer_val_loss": sum(vals) / len(vals) if vals else None,
+                "peer_val_loss_min": min(vals, default=None),
+                "peer_val_loss_max": max(vals, default=None),
                 "val_loss": _number(c.get("val_loss")),
                 "consensus_error": _number(c.get("consensus_error")),
                 "tracking_gap": _number(c.get("tracking_gap")),

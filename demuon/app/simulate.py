@@ -55,13 +55,22 @@ class SimulationResult:
 
 
 async def simulate_round_async(
-    peers: Sequence[Peer], k: int, exchange: ExactExchange, *, keyframe_every: int = 0
+    peers: Sequence[Peer],
+    k: int,
+    exchange: ExactExchange,
+    *,
+    keyframe_every: int = 0,
+    eval_every: int = 0,
 ) -> list[RoundMetrics]:
     """Round ``k`` of every peer: one :func:`~demuon.node.rounds.run_round` each, all meeting at
-    the exact exchange's barrier once per phase."""
+    the exact exchange's barrier once per phase (each validates its own model every
+    ``eval_every`` rounds, as a daemon does)."""
     keyframe = keyframe_due(k, exact=peers[0].exact, every=keyframe_every)
     async with asyncio.TaskGroup() as tg:
-        tasks = [tg.create_task(run_round(p, k, exchange.side(p.index), keyframe=keyframe)) for p in peers]
+        tasks = [
+            tg.create_task(run_round(p, k, exchange.side(p.index), keyframe=keyframe, eval_every=eval_every))
+            for p in peers
+        ]
     return [t.result() for t in tasks]
 
 
@@ -124,7 +133,9 @@ async def _rounds(
             by_index[heir_of(config, gone)].inherit(by_index[gone].handoff())
             exchange.retire(gone)
         active = [p for p in peers if plan.get(p.index, config.rounds) > k]
-        metrics = await simulate_round_async(active, k, exchange, keyframe_every=config.gossip.keyframe_every)
+        metrics = await simulate_round_async(
+            active, k, exchange, keyframe_every=config.gossip.keyframe_every, eval_every=config.eval_every
+        )
         for m in metrics:
             row = m.row()
             res.per_peer[m.peer].append(row)

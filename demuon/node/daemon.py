@@ -141,6 +141,7 @@ class DaemonSettings:
     heir: int | None = None
     inherit: Mapping[int, tuple[int, ...]] = field(default_factory=dict)  # round → leavers we inherit
     on_sigterm: str = "stop"  # "stop" (checkpoint, resume later) or "leave" (hand off, for good)
+    eval_every: int = 0  # validation loss of the own model every N rounds and the last (0 = never)
 
 
 class Daemon:
@@ -526,7 +527,13 @@ class Daemon:
         )
         self.gossip.keyframe_wanted = False
         metrics = await run_round(
-            self.peer, k, self.gossip, keyframe=keyframe, compute=self._compute, skipped=skipped
+            self.peer,
+            k,
+            self.gossip,
+            keyframe=keyframe,
+            compute=self._compute,
+            skipped=skipped,
+            eval_every=self.settings.eval_every,
         )
         rejected = self.transport.rejected - self._rejected_seen
         self._rejected_seen = self.transport.rejected.copy()

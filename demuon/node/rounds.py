@@ -7,6 +7,8 @@ docs/design.md §4 describes the data path; the driver is::
         encoded = compute(peer.message, phase, k)             local update, then encode each tensor once
         delivery = exchange.exchange(k, phase, encoded)       injected: who sent what
         compute(peer.mix, phase, k, delivery.received)        Σ_j w_ij Z_j, tensor by tensor
+    if eval_due(k, rounds, eval_every):                       every eval_every rounds and the last
+        val_loss = compute(validation_loss, peer)             own model, held-out data, no RNG
     return RoundMetrics(...)
 
 Both sides are injected. ``exchange`` is :class:`~demuon.node.exchange.ExactExchange` in the
@@ -117,10 +119,13 @@ class RoundMetrics:
     t_wait_max: float  # the longest single wait
     deadline_s: float  # the longest deadline that applied
     t_mix: float
-    t_round: float
+    t_round: float  # the whole round, the validation (if any) included
     local_disagreement: float | None  # ‖Y_i − X_i(mixed)‖: how far phase X moved it (consensus proxy)
     sum_V: tuple[float, ...] | None  # float64 sum of each tensor of V after the round (small models)
     sum_M: tuple[float, ...] | None
+    # this peer's own model after the round on the workload's held-out data, every eval_every
+    # rounds and at the last (:func:`eval_due`), else None
+    val_loss: float | None = None
 
     def row(self) -> dict[str, Any]:
         out = {key: getattr(self, key) for key in ROW_KEYS}  # shallow: every field is a plain value
@@ -142,6 +147,21 @@ def keyframe_due(
     if exact:
         return False
     return wanted or k == resumed_at or (every > 0 and k > 0 and k % every == 0)
+
+
+def eval_due(k: int, rounds: int, every: int) -> bool:
+    """Whether round ``k`` (of ``rounds``) ends with a validation of the peer's own model: every
+    ``every`` rounds (``(k + 1) % every == 0``, as the simulator's averaged model) and at the last
+    round; never when ``every`` is 0."""
+    return every > 0 and ((k + 1) % every == 0 or k == rounds - 1)
+
+
+def validation_loss(peer: Peer) -> float:
+    """``peer``'s own model on the workload's held-out data (a fixed set, no gradients): draws no
+    random numbers and leaves the parameters and the train/eval mode as they were, so a run with
+    evaluations ends bitwise where one without would."""
+    with torch.no_grad():
+        return float(peer.workload.validation_loss(peer.model))
 
 
 def mix_and_measure(peer: Peer, phase: str, k: int, delivery: Delivery) -> tuple[MixReport, float | None]:
@@ -166,8 +186,10 @@ async def run_round(
     keyframe: bool = False,
     compute: Compute = inline,
     skipped: int = 0,
+    eval_every: int = 0,
 ) -> RoundMetrics:
-    """Round ``k`` of ``peer``: gradient, then message → exchange → mix for each phase."""
+    """Round ``k`` of ``peer``: gradient, then message → exchange → mix for each phase; then,
+    every ``eval_every`` rounds and at the last (0: never), the validation loss of its own model."""
     t0 = time.perf_counter()
     loss = await compute(peer.gradient, k)
     t_compute = time.perf_counter() - t0
@@ -184,6 +206,8 @@ async def run_round(
         _, d = await compute(mix_and_measure, peer, phase, k, delivery)
         disagreement = d if d is not None else disagreement
         t_mix += time.perf_counter() - t
+    due = eval_due(k, peer.setup.rounds, eval_every)
+    val_loss = await compute(validation_loss, peer) if due else None
     counts = sum((s.counts for s in stats), Counter[str]())
     track = "V" in peer.phases and peer.numel < SUMS_MAX_PARAMS
     return RoundMetrics(
@@ -215,4 +239,5 @@ async def run_round(
         local_disagreement=disagreement,
         sum_V=_sums(peer.V) if track else None,
         sum_M=_sums(peer.M) if track else None,
+        val_loss=val_loss,
     )

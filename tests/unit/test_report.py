@@ -20,10 +20,11 @@ ROUNDS = 6
 
 def metrics_row(peer: int, k: int, **values: Any) -> dict[str, Any]:
     """One ``metrics.jsonl`` row with every key of the schema (built through RoundMetrics): zero
-    counters and timings unless given."""
+    counters and timings, no validation, unless given."""
     base: dict[str, Any] = dict.fromkeys(ROW_KEYS, 0)
     base.update(peer=peer, round=k, train_loss=1.0, lr=0.05, received=2, missing=(), down=())
     base.update(keyframe=False, deadline_s=1.0, local_disagreement=None, sum_V=None, sum_M=None)
+    base.update(val_loss=None)
     return RoundMetrics(**{**base, **values}).row()
 
 
