@@ -5,9 +5,12 @@ A run folder is what both ``demuon launch --out DIR`` and ``demuon simulate --ou
 for the simulator also ``cluster.jsonl``. One code path reads both: a table per peer (final round,
 final loss, MB sent, late/missing/stale totals, status; the validation loss of the averaged model
 below) and, in ``DIR``, :data:`RUN_PLOTS`: ``plot.png`` (train loss with its min–max band over
-peers, validation loss of the average, consensus error or the mean local disagreement, bytes per
-round), ``loss.png`` (train loss per peer), ``disagreement.png`` (local disagreement per peer)
-and ``bytes.png`` (cumulative bytes per peer). A folder of several runs (``demuon simulate
+peers and the rounds where messages went missing or neighbours were down, validation loss of the
+averaged model and of the peers' own models, consensus error or the mean local disagreement, MB
+per round), ``loss.png`` (train loss: mean over peers, band, each peer thin, the same events),
+``disagreement.png`` (local disagreement), ``bytes.png`` (MB sent so far and MB/s per peer) and
+``time.png`` (seconds per round, waits and gradient). Every plot draws the run in its algorithm's
+colour (:data:`demuon.app.plots.ALGORITHM_COLOURS`). A folder of several runs (``demuon simulate
 --algorithms a,b``) gets each run's report, a table with a row per run, and a ``plot.png`` of all.
 """
 
@@ -23,7 +26,7 @@ from rich.table import Table
 
 from demuon import results
 
-RUN_PLOTS = ("plot.png", "loss.png", "disagreement.png", "bytes.png")
+RUN_PLOTS = ("plot.png", "loss.png", "disagreement.png", "bytes.png", "time.png")
 
 Rows = Sequence[Mapping[str, Any]]
 
@@ -133,30 +136,36 @@ def report_run(directory: Path, console: Console) -> tuple[list[Path], list[dict
         series[-1]["val_loss"] = val  # a launch measures the averaged model once, at the end
     what = f"{summary['algorithm']} on {summary['topology']}, " if summary else ""
     title = f"{what}{len(per_peer)} peers ({(summary or {}).get('source', 'unknown source')})"
+    algorithm = (summary or {}).get("algorithm")
     written = [
-        plots.plot_runs({directory.name: series}, directory / "plot.png", title),
+        plots.plot_runs(
+            {directory.name: series},
+            directory / "plot.png",
+            title,
+            algorithms={directory.name: algorithm} if algorithm else None,
+        ),
         plots.plot_per_peer(
             per_peer,
             "train_loss",
             directory / "loss.png",
-            title=f"train loss per peer ({title})",
+            title=f"train loss – {title}",
             ylabel="train loss",
+            algorithm=algorithm,
+            events=True,
         ),
         plots.plot_per_peer(
             per_peer,
             "local_disagreement",
             directory / "disagreement.png",
-            title="local disagreement (consensus proxy)",
+            title=f"local disagreement, a consensus proxy – {title}",
             ylabel="‖Y_i − X_i after mixing‖",
             log=True,
+            algorithm=algorithm,
         ),
-        plots.plot_per_peer(
-            per_peer,
-            "bytes_out",
-            directory / "bytes.png",
-            title="bytes sent per peer (cumulative, headers included)",
-            ylabel="bytes",
-            cumulative=True,
+        plots.save(plots.figure_traffic(per_peer, title=title, algorithm=algorithm), directory / "bytes.png"),
+        plots.save(
+            plots.figure_timing(per_peer, title=f"time per round – {title}", algorithm=algorithm),
+            directory / "time.png",
         ),
     ]
     return written, series
@@ -193,6 +202,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 
         console.print(run_table(runs))
         series_only = {name: rows for name, (rows, _) in runs.items()}
-        written.append(plots.plot_runs(series_only, directory / "plot.png", f"runs in {directory.name}"))
+        algorithms = {name: str(s["algorithm"]) for name, (_, s) in runs.items() if s and s.get("algorithm")}
+        written.append(
+            plots.plot_runs(
+                series_only, directory / "plot.png", f"runs in {directory.name}", algorithms=algorithms
+            )
+        )
     err.print("wrote " + ", ".join(str(p) for p in written))
     return 0
