@@ -56,6 +56,7 @@ from rich.table import Table
 
 from demuon import results
 from demuon.app.peers import leaves
+from demuon.app.report import RUN_PLOTS
 from demuon.atomic import atomic_write_bytes
 from demuon.config import Config, PeerFault, load_config
 from demuon.errors import ConfigError, DemuonError
@@ -68,15 +69,7 @@ RATE_WINDOW = 5  # rounds averaged for bytes/s and rounds/s
 COMPACT_PEERS = 20  # more peers than this: one row per group of peers
 PR_SET_PDEATHSIG = 1
 #: What a previous run left in ``--out`` (besides ``peer-<i>/`` folders): ``--force`` removes it.
-RUN_FILES = (
-    "summary.json",
-    "peers.json",
-    "cluster.jsonl",
-    "plot.png",
-    "loss.png",
-    "disagreement.png",
-    "bytes.png",
-)
+RUN_FILES = ("summary.json", "peers.json", results.CLUSTER, *RUN_PLOTS)
 #: A peer's log lines that say whether a telemetry pause holds it (demuon.node.telemetry logs them).
 CONTROL_LINE = re.compile(
     r"telemetry: (?:command '(pause|resume|stop)' \(peer \d+\)$|status (\S+) \(peer \d+\))"

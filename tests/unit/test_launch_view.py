@@ -339,6 +339,7 @@ def previous(out: Path) -> None:
     (out / "peer-0").mkdir(parents=True)
     (out / "peer-0" / results.METRICS).write_text(json.dumps(row(0)) + "\n")
     (out / "summary.json").write_text("{}")
+    (out / report.RUN_PLOTS[0]).write_bytes(b"")
     (out / "keys").mkdir()
     (out / "notes.txt").write_text("mine")
 
@@ -357,7 +358,7 @@ def test_an_out_folder_with_a_previous_run_is_refused(
     launch.check_out(load_config(config), out, resume=False, force=True)
     launch.check_out(load_config(config), tmp_path / "new", resume=False, force=False)
     removed = launch.clear_run(out)
-    assert sorted(p.name for p in removed) == ["peer-0", "summary.json"]
+    assert sorted(p.name for p in removed) == sorted(["peer-0", "summary.json", report.RUN_PLOTS[0]])
     assert sorted(p.name for p in out.iterdir()) == ["keys", "notes.txt"]
 
 
