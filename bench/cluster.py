@@ -80,7 +80,7 @@ def run_codec(config_path: Path, codec: str, args: argparse.Namespace, workdir: 
     if args.base_port:
         overrides.append(f"network.base_port={args.base_port}")
     out = workdir / codec
-    argv = ["--config", str(config_path), "--out", str(out), "--no-live", "--every", "10"]
+    argv = ["--config", str(config_path), "--out", str(out), "--no-live", "--every", "10", "--force"]
     for item in overrides:
         argv += ["--set", item]
     start = time.monotonic()

@@ -146,7 +146,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             f"demo: {config.peers} peer processes on a {config.topology.name} over loopback ZeroMQ, "
             f"{config.algorithm.name}, {config.workload.kind} workload, {config.rounds} rounds"
         )
-        argv = ["--config", str(path), "--out", str(out)]
+        argv = ["--config", str(path), "--out", str(out), "--force"]  # the demo's folder is its own
         argv += [f"--set={item}" for item in args.set]
         if not sys.stderr.isatty():
             argv += ["--no-live", "--every", "20"]
