@@ -68,6 +68,7 @@ STATUSES = (
     "stopping",
     "stopped",
     "failed",
+    "lonely",  # the run ended without ever hearing from a neighbour (exit 3)
     "offline",  # only ever sent by the broker: the Last Will
 )
 FINAL = ("stopped", "failed")
