@@ -326,6 +326,14 @@ class Gossip:
         out, self.handoffs = self.handoffs, {}
         return out
 
+    def _lost_after(self) -> int:
+        """How many rounds ahead a sender's message must be to prove its (k, phase) lost: 1 when
+        links keep each sender's order (ZeroMQ over TCP, the in-process hub), 2 when the
+        transport or the plan holds some messages back (``delay``: a later one may overtake)."""
+        ordered = getattr(self.transport, "ordered", True)
+        delays = self.plan is not None and any(r.action == "delay" for r in self.plan.rules)
+        return 1 if ordered and not delays else 2
+
     def _doomed(self, sender: int, k: int, phase: str) -> bool:
         """Whether the fault plan keeps ``sender``'s (k, phase) message from arriving usable."""
         if self.plan is None:
@@ -376,13 +384,14 @@ class Gossip:
         deadline, next_resend = start + deadline_s, start + RESEND_EVERY_S
         resends = resent_bytes = 0
         while True:
-            # a sender already two rounds ahead went on without us, and one that handed off while
-            # we waited has left for good: neither's (k, phase) will come
+            # a sender's later message means its (k, phase) was lost: links keep each sender's
+            # order, and it sent (k, phase) before anything of round k + 1 (e.g. to the process we
+            # were before a restart). One that handed off while we waited has left for good.
             waiting = [
                 j
                 for j in waiting
                 if not self.mailbox.has(k, phase, j)
-                and self.mailbox.latest.get(j, k) < k + 2
+                and self.mailbox.latest.get(j, k) < k + self._lost_after()
                 and j not in self.departed
             ]
             now = loop.time()

@@ -202,6 +202,11 @@ class FaultyTransport(Generic[T]):
         return self.inner.peer_id
 
     @property
+    def ordered(self) -> bool:
+        """Whether each sender's messages still arrive in order: not with a ``delay`` rule."""
+        return getattr(self.inner, "ordered", True) and not any(r.action == "delay" for r in self.plan.rules)
+
+    @property
     def rejected(self) -> Counter[str]:
         return self.inner.rejected
 

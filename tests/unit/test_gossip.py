@@ -14,6 +14,7 @@ from demuon.config import Config, config_from_dict
 from demuon.node.gossip import AHEAD_WINDOW, Gossip, Inbound, Liveness, Mailbox, Outcome
 from demuon.node.peer import Peer
 from demuon.node.rounds import ExchangeStats
+from demuon.transport.faults import FaultPlan, FaultRule, FaultyTransport
 from demuon.transport.inproc import InprocHub, InprocTransport
 
 # ------------------------------------------------------------------------------ mailbox
@@ -213,3 +214,26 @@ async def test_a_neighbour_that_hands_off_while_we_wait_for_it_is_no_longer_wait
     assert stats.waited_for == (1, 2) and stats.missing == (2,)
     assert stats.waited_s < stats.deadline_s and peer1_stats.missing == (2,)
     assert g.departed == {2} and set(g.take_handoffs()) == {2}
+
+
+async def test_a_sender_a_round_ahead_whose_message_is_missing_is_not_waited_for() -> None:
+    """Links keep each sender's order, so a message of round k + 1 from j means j's round-k one
+    was lost (e.g. sent to the process we were before a restart): no wait for it."""
+    config = ring3(phase_timeout_s=10.0, start_timeout_s=10.0)
+    async with cluster(config, [0]) as gossips:
+        g = gossips[0]
+        g.mailbox.latest.update({1: 1, 2: 1})  # both have sent round-1 messages, not their round-0 ones
+        _, stats = await one_phase(g, 0, "V")
+    assert stats.waited_for == (1, 2) and stats.missing == (1, 2)
+    assert stats.waited_s < stats.deadline_s
+
+
+async def test_over_a_link_that_may_reorder_only_two_rounds_ahead_prove_a_loss() -> None:
+    config = ring3(phase_timeout_s=0.3, start_timeout_s=0.3)
+    async with cluster(config, [0]) as gossips:
+        g = gossips[0]
+        assert g.transport is not None
+        g.transport = FaultyTransport(g.transport, FaultPlan((FaultRule("delay"),)))
+        g.mailbox.latest.update({1: 1, 2: 1})  # a held-back round-0 message may still come
+        _, stats = await one_phase(g, 0, "V")
+    assert stats.missing == (1, 2) and stats.waited_s >= stats.deadline_s
