@@ -142,6 +142,13 @@ ALGORITHM_NAMES: tuple[str, ...] = get_args(AlgorithmName)
 CLIP_SCALE = 0.1
 CLIP_POWER = 0.4
 
+#: The methods with DeMuon's EMA momentum M (and tracker V of it): the ones ``nesterov`` and
+#: ``momentum_form`` apply to (``demuon.node.algorithms`` checks its registry against this).
+MOMENTUM_ALGORITHMS: tuple[str, ...] = ("demuon", "gt_nsgdm")
+#: torch.optim.Muon's ``adjust_lr_fn`` shape factors, plus ``none`` (DeMuon's own: no factor).
+AdjustLR = Literal["none", "original", "match_rms_adamw"]
+MomentumForm = Literal["ema", "mvr"]
+
 MatrixRoute = Literal["newton_schulz", "polar_svd"]
 VectorRoute = Literal["normalize", "sign", "rms"]
 EmbeddingRoute = Literal["newton_schulz", "colnorm", "rownorm", "sign"]
@@ -173,6 +180,53 @@ class AlgorithmConfig(Frozen):
     )
     clip_power: float = Field(default=CLIP_POWER, ge=0.0)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    # Muon's options (docs/algorithms.md §2.6); the defaults are DeMuon as the paper states it.
+    nesterov: bool = Field(
+        default=False, description="demuon, gt_nsgdm: step along the look-ahead θ·G + (1 − θ)·V (torch Muon)"
+    )
+    weight_decay: float = Field(
+        default=0.0, ge=0.0, description="λ: decoupled weight decay, Y = (1 − η_k λ)·X − η_k·direction"
+    )
+    adjust_lr: AdjustLR = Field(
+        default="none",
+        description="demuon: step-size factor per orthogonalised A×B matrix: original √max(1, A/B), "
+        "match_rms_adamw 0.2·√max(A, B) (torch's adjust_lr_fn)",
+    )
+    momentum_form: MomentumForm = Field(
+        default="ema",
+        description="demuon, gt_nsgdm: ema M = (1 − θ)M + θG, or mvr (STORM) "
+        "M = G + (1 − θ)(M − ∇f(X_prev; same batch)), two gradients per round",
+    )
+
+    @model_validator(mode="after")
+    def _muon_options_fit(self) -> AlgorithmConfig:
+        """Each Muon option only with the methods it means something for, and a decay factor
+        ``1 − η λ`` that stays positive."""
+        with_momentum = f"a method with momentum ({', '.join(MOMENTUM_ALGORITHMS)}), not {self.name!r}"
+
+        def side_by_side(field: str, off: str) -> str:
+            return f"; set per_algorithm.{self.name}.{field} = {off} to run {self.name} beside it"
+
+        if self.nesterov and self.name not in MOMENTUM_ALGORITHMS:
+            raise ValueError(
+                f"algorithm.nesterov = true needs {with_momentum}" + side_by_side("nesterov", "false")
+            )
+        if self.momentum_form != "ema" and self.name not in MOMENTUM_ALGORITHMS:
+            raise ValueError(
+                f"algorithm.momentum_form = {self.momentum_form!r} needs {with_momentum}"
+                + side_by_side("momentum_form", '"ema"')
+            )
+        if self.adjust_lr != "none" and self.name != "demuon":
+            raise ValueError(
+                f"algorithm.adjust_lr = {self.adjust_lr!r} scales orthogonalised matrices and needs "
+                f"demuon, not {self.name!r}" + side_by_side("adjust_lr", '"none"')
+            )
+        if self.lr * self.weight_decay >= 1.0:
+            raise ValueError(
+                f"algorithm.weight_decay = {self.weight_decay} with lr = {self.lr}: lr · weight_decay "
+                "must be below 1 (the decay factor 1 − lr · weight_decay must stay positive)"
+            )
+        return self
 
 
 # ------------------------------------------------------------------------------------ codecs

@@ -10,7 +10,11 @@ One round of any algorithm at peer i (docs/algorithms.md §2.1)::
 
     G = ∇f_i(X; ξ)
     if the algorithm tracks:  M, U = tracker_update(M, V, G, θ);   V = Σ_j w_ij U_j   (phase "V")
-    Y = local_step(X, V, G, η_k, k, options);                      X = Σ_j w_ij Y_j   (phase "X")
+    Y = local_step(X, D, η_k, k, options);                         X = Σ_j w_ij Y_j   (phase "X")
+
+with ``D`` from :func:`step_input`: V for tracking methods, G otherwise, and Nesterov's look-ahead
+``θG + (1 − θ)V`` with ``nesterov``. Muon's options (docs/algorithms.md §2.6) enter through
+:func:`tracker_step` (``momentum_form = "mvr"``) and :class:`StepOptions` (weight decay, shape factor).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import get_args
 import torch
 from torch import Tensor
 
-from demuon.config import CLIP_POWER, CLIP_SCALE, AlgorithmName
+from demuon.config import CLIP_POWER, CLIP_SCALE, MOMENTUM_ALGORITHMS, AdjustLR, AlgorithmName
 from demuon.node import optim, reference
 from demuon.node.newton_schulz import NS_STEPS
 
@@ -39,6 +43,8 @@ class StepOptions:
     ns_dtype: torch.dtype = torch.float32  # Newton–Schulz compute dtype (DeMuon only)
     clip_scale: float = CLIP_SCALE  # τ_k = clip_scale · max(k, 1)^clip_power (DSGD-Clip only)
     clip_power: float = CLIP_POWER
+    weight_decay: float = 0.0  # λ: Y = (1 − η_k λ) X − η_k · direction (every algorithm)
+    adjust_lr: AdjustLR = "none"  # shape factor s of orthogonalised matrices (DeMuon only)
 
 
 #: ``(M, V, G, θ) → (M_new, U)``: the new local state M and the phase "V" message U.
@@ -57,6 +63,7 @@ class Algorithm:
     local_step: LocalStep
     reference: reference.ReferenceRound  # the stacked float64 oracle of one round
     summary: str
+    momentum: bool = False  # M is DeMuon's EMA momentum (nesterov and momentum_form apply)
 
     @property
     def tracking(self) -> bool:
@@ -77,19 +84,28 @@ def _gt_dsgd_update(M: Tensors, V: Tensors, G: Tensors, theta: float) -> tuple[T
 
 
 def _demuon_step(X: Tensors, V: Tensors, lr: float, k: int, o: StepOptions) -> TensorDict:
-    return optim.demuon_local_step(X, V, lr, o.routes, ns_steps=o.ns_steps, ns_dtype=o.ns_dtype)
+    return optim.demuon_local_step(
+        X,
+        V,
+        lr,
+        o.routes,
+        ns_steps=o.ns_steps,
+        ns_dtype=o.ns_dtype,
+        weight_decay=o.weight_decay,
+        adjust_lr=o.adjust_lr,
+    )
 
 
 def _gt_nsgdm_step(X: Tensors, V: Tensors, lr: float, k: int, o: StepOptions) -> TensorDict:
-    return optim.gt_nsgdm_local_step(X, V, lr)
+    return optim.gt_nsgdm_local_step(X, V, lr, o.weight_decay)
 
 
 def _plain_step(X: Tensors, D: Tensors, lr: float, k: int, o: StepOptions) -> TensorDict:
-    return optim.dsgd_local_step(X, D, lr)  # DSGD (D = G) and GT-DSGD (D = V)
+    return optim.dsgd_local_step(X, D, lr, o.weight_decay)  # DSGD (D = G) and GT-DSGD (D = V)
 
 
 def _dsgd_clip_step(X: Tensors, G: Tensors, lr: float, k: int, o: StepOptions) -> TensorDict:
-    return optim.dsgd_clip_local_step(X, G, lr, k, o.clip_scale, o.clip_power)
+    return optim.dsgd_clip_local_step(X, G, lr, k, o.clip_scale, o.clip_power, o.weight_decay)
 
 
 REGISTRY: dict[str, Algorithm] = {
@@ -101,6 +117,7 @@ REGISTRY: dict[str, Algorithm] = {
             _demuon_step,
             reference.demuon,
             "DeMuon: EMA momentum, gradient tracking, Y = X − η·NS5(V)",
+            momentum=True,
         ),
         Algorithm(
             "dsgd",
@@ -129,6 +146,7 @@ REGISTRY: dict[str, Algorithm] = {
             _gt_nsgdm_step,
             reference.gt_nsgdm,
             "GT-NSGDm: DeMuon's M and V, Y = X − η·V/‖V‖ (joint norm)",
+            momentum=True,
         ),
     )
 }
@@ -138,6 +156,8 @@ NAMES: tuple[str, ...] = tuple(REGISTRY)
 
 if set(NAMES) != set(get_args(AlgorithmName)):  # the config schema and the registry must agree
     raise ImportError(f"config.AlgorithmName {get_args(AlgorithmName)} != registry {NAMES}")
+if {a.name for a in REGISTRY.values() if a.momentum} != set(MOMENTUM_ALGORITHMS):
+    raise ImportError(f"config.MOMENTUM_ALGORITHMS {MOMENTUM_ALGORITHMS} != the registry's momentum methods")
 
 
 def get(name: str) -> Algorithm:
@@ -163,6 +183,42 @@ def local_tracker_update(
     return update(M, V, G, theta)
 
 
+def tracker_step(
+    algorithm: Algorithm,
+    M: Tensors,
+    V: Tensors,
+    G: Tensors,
+    theta: float,
+    *,
+    G_tilde: Tensors | None = None,
+) -> tuple[TensorDict, TensorDict]:
+    """``(M_new, U)`` of phase "V": the row's own update, or with ``G_tilde = ∇f(X^{k−1}; ξ^k)``
+    MVR momentum ``M' = G + (1−θ)(M − G̃)`` (``momentum_form = "mvr"``, momentum methods only)."""
+    # M, V, G, G_tilde: tensor dicts, not modified; theta: θ.
+    update = algorithm.tracker_update
+    if update is None:
+        raise ValueError(f"{algorithm.name} has no tracker (phases {algorithm.phases})")
+    if G_tilde is None:
+        return update(M, V, G, theta)
+    if not algorithm.momentum:
+        raise ValueError(f"{algorithm.name} has no momentum for momentum_form = 'mvr'")
+    return optim.mvr_tracker_update(M, V, G, G_tilde, theta)
+
+
+def step_input(
+    algorithm: Algorithm, V: Tensors, G: Tensors, theta: float, *, nesterov: bool = False
+) -> Tensors:
+    """``D``, what the local step moves along: the mixed tracker V for tracking methods, the
+    gradient G otherwise; with ``nesterov`` (momentum methods) the look-ahead ``θG + (1 − θ)V``
+    (docs/algorithms.md §2.6). Without it, V or G itself is returned (not a copy)."""
+    # V: mixed tracker; G: own gradient; theta: θ. None modified.
+    if not nesterov:
+        return V if algorithm.tracking else G
+    if not algorithm.momentum:
+        raise ValueError(f"{algorithm.name} has no momentum for nesterov")
+    return optim.nesterov_lookahead_dicts(V, G, theta)
+
+
 def local_step(
     name: str,
     X: Tensors,
@@ -176,15 +232,25 @@ def local_step(
     ns_dtype: torch.dtype = torch.float32,
     clip_scale: float = CLIP_SCALE,
     clip_power: float = CLIP_POWER,
+    theta: float = 1.0,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+    adjust_lr: AdjustLR = "none",
 ) -> TensorDict:
     """``Y``: the phase "X" message of ``name``. Tracking methods step along the mixed tracker
-    ``V`` (``G`` may be None), the others along ``G`` (``V`` may be None)."""
+    ``V`` (``G`` may be None), the others along ``G`` (``V`` may be None); ``nesterov`` needs both
+    (and θ) for the look-ahead ``θG + (1 − θ)V``."""
     # X, V, G: tensor dicts, not modified; lr: η_k; k: round (sets DSGD-Clip's threshold).
     algorithm = get(name)
-    D = V if algorithm.tracking else G
+    if nesterov:
+        if V is None or G is None:
+            raise ValueError(f"{name} with nesterov needs V and G")
+        D: Tensors | None = step_input(algorithm, V, G, theta, nesterov=True)
+    else:
+        D = V if algorithm.tracking else G
     if D is None:
         raise ValueError(f"{name} needs {'V' if algorithm.tracking else 'G'}")
-    options = StepOptions(routes, ns_steps, ns_dtype, clip_scale, clip_power)
+    options = StepOptions(routes, ns_steps, ns_dtype, clip_scale, clip_power, weight_decay, adjust_lr)
     return algorithm.local_step(X, D, lr, k, options)
 
 

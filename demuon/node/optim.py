@@ -19,6 +19,12 @@ rounds (:func:`guard_threshold`).
 
 Which functions make up each algorithm is :mod:`demuon.node.algorithms`' registry; the stacked
 float64 oracle that tests hold the per-peer composition equal to is :mod:`demuon.node.reference`.
+Muon's options (docs/algorithms.md §2.6, torch.optim.Muon), all off by default::
+
+    Ṽ_i   = θ G_i + (1 − θ) V_i                      nesterov_lookahead   (nesterov)
+    Y_i   = (1 − η_k λ) X_i − η_k s(A×B) ORTH(Ṽ_i)   decoupled_decay, shape_factor
+    M_i'  = G_i + (1 − θ)(M_i − G̃_i),  G̃_i = ∇f_i(X_i^{k−1}; ξ_i^k)          mvr_update
+
 No function modifies its inputs.
 Orthogonalisation and routing live in :mod:`demuon.node.newton_schulz` and are re-exported here.
 """
@@ -34,6 +40,7 @@ from torch import Tensor
 from demuon.config import (
     CLIP_POWER,
     CLIP_SCALE,
+    AdjustLR,
     ConstantSchedule,
     CosineSchedule,
     InvSqrtSchedule,
@@ -51,6 +58,9 @@ from demuon.node.newton_schulz import route_for as route_for
 from demuon.node.newton_schulz import safe_divide as safe_divide
 
 TensorDict = dict[str, Tensor]
+#: The routes whose direction is an (approximate) orthogonal factor: the ones the shape factor
+#: ``s`` of ``adjust_lr`` applies to (docs/algorithms.md §2.6).
+ORTHOGONAL_ROUTES: tuple[str, ...] = ("newton_schulz", "polar_svd")
 Schedule = ConstantSchedule | InvSqrtSchedule | LinearSchedule | CosineSchedule
 
 # --------------------------------------------------------------------------------- schedules
@@ -86,6 +96,50 @@ def momentum_update(M: Tensor, G: Tensor, theta: float) -> Tensor:
     """``M' = (1 − θ) M + θ G``: EMA, weight θ on the new gradient (docs/algorithms.md §2.1)."""
     # M: previous momentum M^{k−1}; G: gradient G^k; theta: θ ∈ (0, 1]. None modified.
     return (1.0 - theta) * M + theta * G
+
+
+def mvr_update(M: Tensor, G: Tensor, G_tilde: Tensor, theta: float) -> Tensor:
+    """``M' = G + (1 − θ)(M − G̃)``: momentum-based variance reduction (STORM, docs/algorithms.md §2.6).
+
+    ``G̃ = ∇f(X^{k−1}; ξ^k)`` is the gradient at the previous iterate on this round's batch, so
+    ``G − G̃`` corrects the old momentum for the move. θ = 1 gives ``M' = G``; with ``G̃ = G`` it
+    is :func:`momentum_update`'s EMA.
+    """
+    # M: M^{k−1}; G: G^k = ∇f(X^k; ξ^k); G_tilde: G̃^k; theta: θ ∈ (0, 1]. None modified.
+    return G + (1.0 - theta) * (M - G_tilde)
+
+
+def nesterov_lookahead(V: Tensor, G: Tensor, theta: float) -> Tensor:
+    """``Ṽ = θ G + (1 − θ) V``: Nesterov's look-ahead, the direction that is orthogonalised with
+    ``nesterov`` (torch.optim.Muon's ``grad.lerp(buf, μ)`` with μ = 1 − θ; docs/algorithms.md §2.6)."""
+    # V: mixed tracker V^k (the momentum M^k when N = 1); G: own gradient G^k; theta: θ. None modified.
+    return theta * G + (1.0 - theta) * V
+
+
+def decoupled_decay(X: Tensor, lr: float, weight_decay: float) -> Tensor:
+    """``(1 − η λ) X``: decoupled weight decay (Loshchilov & Hutter; torch.optim.Muon's
+    ``param.mul_(1 − lr·weight_decay)``), by the unscaled η; λ = 0 returns ``X`` itself."""
+    # X: iterate, not modified; lr: η_k; weight_decay: λ ≥ 0.
+    if weight_decay == 0.0:
+        return X
+    return X * (1.0 - lr * weight_decay)
+
+
+def shape_factor(shape: Sequence[int], rule: AdjustLR) -> float:
+    """``s``: the step-size factor of an orthogonalised ``A×B`` matrix (torch.optim.Muon's
+    ``adjust_lr_fn``; docs/algorithms.md §2.6): ``none`` 1, ``original`` ``√max(1, A/B)`` (Keller
+    Jordan), ``match_rms_adamw`` ``0.2 √max(A, B)`` (Moonshot). ``A×B`` is the 2-D view the matrix
+    routes see: size-1 dimensions dropped, ``A`` the first, ``B`` the product of the others."""
+    # shape: the parameter's shape; rule: the config's adjust_lr.
+    if rule == "none":
+        return 1.0
+    dims = [d for d in shape if d != 1]
+    if len(dims) < 2:
+        raise ValueError(f"shape_factor needs a matrix, got shape {tuple(shape)}")
+    A, B = dims[0], math.prod(dims[1:])
+    if rule == "original":
+        return math.sqrt(max(1.0, A / B))
+    return 0.2 * math.sqrt(max(A, B))
 
 
 def tracker_message(V: Tensor, M_new: Tensor, M_old: Tensor) -> Tensor:
@@ -137,16 +191,22 @@ def demuon_step(
     *,
     ns_steps: int = NS_STEPS,
     ns_dtype: torch.dtype = torch.float32,
+    weight_decay: float = 0.0,
+    scale: float = 1.0,
 ) -> Tensor:
-    """``Y = X − η · ORTH(V)`` (docs/algorithms.md §2.1, before mixing)."""
-    # X: iterate X^k; V: mixed tracker V^k; lr: η_k; route: from route_for. None modified.
-    return X - lr * demuon_direction(V, route, ns_steps=ns_steps, ns_dtype=ns_dtype)
+    """``Y = X − η · ORTH(V)`` (docs/algorithms.md §2.1, before mixing); with Muon's options
+    ``Y = (1 − η λ) X − η s · ORTH(V)`` (§2.6, torch.optim.Muon's order: decay, then step)."""
+    # X: iterate X^k; V: mixed tracker V^k (or its look-ahead Ṽ); lr: η_k; route: from route_for;
+    # weight_decay: λ; scale: s from shape_factor. None modified.
+    direction = demuon_direction(V, route, ns_steps=ns_steps, ns_dtype=ns_dtype)
+    return decoupled_decay(X, lr, weight_decay) - (lr * scale) * direction
 
 
-def dsgd_step(X: Tensor, D: Tensor, lr: float) -> Tensor:
-    """``Y = X − η D``: DSGD with ``D = G``, GT-DSGD with ``D = V`` (docs/algorithms.md §3)."""
-    # X: iterate; D: gradient or tracker; lr: η_k. None modified.
-    return X - lr * D
+def dsgd_step(X: Tensor, D: Tensor, lr: float, weight_decay: float = 0.0) -> Tensor:
+    """``Y = X − η D``: DSGD with ``D = G``, GT-DSGD with ``D = V`` (docs/algorithms.md §3);
+    ``Y = (1 − η λ) X − η D`` with decoupled weight decay λ (§2.6)."""
+    # X: iterate; D: gradient or tracker; lr: η_k; weight_decay: λ. None modified.
+    return decoupled_decay(X, lr, weight_decay) - lr * D
 
 
 # ----------------------------------------------------------------------- whole-model helpers
@@ -241,6 +301,25 @@ def demuon_tracker_update(
     return M_new, {n: tracker_message(V[n], M_new[n], M[n]) for n in G}
 
 
+def mvr_tracker_update(
+    M: Mapping[str, Tensor],
+    V: Mapping[str, Tensor],
+    G: Mapping[str, Tensor],
+    G_tilde: Mapping[str, Tensor],
+    theta: float,
+) -> tuple[TensorDict, TensorDict]:
+    """Phase "V" message with MVR momentum: ``M' = G + (1−θ)(M − G̃)``, ``U = V + M' − M``."""
+    # M: M^{k−1}; V: V^{k−1}; G: G^k; G_tilde: ∇f(X^{k−1}; ξ^k); theta: θ. None modified.
+    M_new = {n: mvr_update(M[n], G[n], G_tilde[n], theta) for n in G}
+    return M_new, {n: tracker_message(V[n], M_new[n], M[n]) for n in G}
+
+
+def nesterov_lookahead_dicts(V: Mapping[str, Tensor], G: Mapping[str, Tensor], theta: float) -> TensorDict:
+    """:func:`nesterov_lookahead` tensor by tensor: ``Ṽ = θ G + (1 − θ) V`` for the whole model."""
+    # V: mixed tracker; G: own gradient; theta: θ. None modified.
+    return {n: nesterov_lookahead(v, G[n], theta) for n, v in V.items()}
+
+
 def gt_dsgd_tracker_update(
     M: Mapping[str, Tensor], V: Mapping[str, Tensor], G: Mapping[str, Tensor]
 ) -> tuple[TensorDict, TensorDict]:
@@ -257,24 +336,41 @@ def demuon_local_step(
     *,
     ns_steps: int = NS_STEPS,
     ns_dtype: torch.dtype = torch.float32,
+    weight_decay: float = 0.0,
+    adjust_lr: AdjustLR = "none",
 ) -> TensorDict:
     """DeMuon phase "X" message ``Y = X − η ORTH(V)``. Phases: "V" then "X".
 
     ``routes`` maps names to routes (:func:`route_for`); a missing name gets the default routing.
+    With Muon's options (§2.6): ``Y = (1 − η λ) X − η s ORTH(V)``, ``s = shape_factor`` on the
+    orthogonalised routes (``newton_schulz``, ``polar_svd``) and 1 on every other.
     """
-    # X: iterate; V: mixed tracker; lr: η_k; routes: name → route. None modified.
+    # X: iterate; V: mixed tracker (or Ṽ); lr: η_k; routes: name → route; weight_decay: λ;
+    # adjust_lr: the shape-factor rule. None modified.
     chosen = dict(routes or {})
     for n, x in X.items():
         chosen.setdefault(n, route_for(n, tuple(x.shape), RoutingConfig()))
     return {
-        n: demuon_step(x, V[n], lr, chosen[n], ns_steps=ns_steps, ns_dtype=ns_dtype) for n, x in X.items()
+        n: demuon_step(
+            x,
+            V[n],
+            lr,
+            chosen[n],
+            ns_steps=ns_steps,
+            ns_dtype=ns_dtype,
+            weight_decay=weight_decay,
+            scale=shape_factor(tuple(x.shape), adjust_lr) if chosen[n] in ORTHOGONAL_ROUTES else 1.0,
+        )
+        for n, x in X.items()
     }
 
 
-def dsgd_local_step(X: Mapping[str, Tensor], G: Mapping[str, Tensor], lr: float) -> TensorDict:
-    """DSGD phase "X" message ``Y = X − η G``. Phases: "X" only."""
-    # X: iterate; G: local gradient; lr: η_k. None modified.
-    return {n: dsgd_step(x, G[n], lr) for n, x in X.items()}
+def dsgd_local_step(
+    X: Mapping[str, Tensor], G: Mapping[str, Tensor], lr: float, weight_decay: float = 0.0
+) -> TensorDict:
+    """DSGD phase "X" message ``Y = X − η G`` (``(1 − η λ) X − η G`` with decay). Phases: "X" only."""
+    # X: iterate; G: local gradient; lr: η_k; weight_decay: λ. None modified.
+    return {n: dsgd_step(x, G[n], lr, weight_decay) for n, x in X.items()}
 
 
 def dsgd_clip_local_step(
@@ -284,19 +380,26 @@ def dsgd_clip_local_step(
     k: int,
     clip_scale: float = CLIP_SCALE,
     clip_power: float = CLIP_POWER,
+    weight_decay: float = 0.0,
 ) -> TensorDict:
     """DSGD-Clip phase "X" message ``Y = X − η clip(G, τ_k)``, whole-model clip. Phases: "X" only."""
-    # X: iterate; G: local gradient; lr: η_k; k: round; clip_scale/clip_power: τ_k. None modified.
-    return dsgd_local_step(X, clip_by_global_norm(G, clip_threshold(k, clip_scale, clip_power)), lr)
+    # X: iterate; G: local gradient; lr: η_k; k: round; clip_scale/clip_power: τ_k; weight_decay: λ.
+    # None modified.
+    clipped = clip_by_global_norm(G, clip_threshold(k, clip_scale, clip_power))
+    return dsgd_local_step(X, clipped, lr, weight_decay)
 
 
-def gt_dsgd_local_step(X: Mapping[str, Tensor], V: Mapping[str, Tensor], lr: float) -> TensorDict:
+def gt_dsgd_local_step(
+    X: Mapping[str, Tensor], V: Mapping[str, Tensor], lr: float, weight_decay: float = 0.0
+) -> TensorDict:
     """GT-DSGD phase "X" message ``Y = X − η V``. Phases: "V" then "X"."""
-    # X: iterate; V: mixed tracker; lr: η_k. None modified.
-    return dsgd_local_step(X, V, lr)
+    # X: iterate; V: mixed tracker; lr: η_k; weight_decay: λ. None modified.
+    return dsgd_local_step(X, V, lr, weight_decay)
 
 
-def gt_nsgdm_local_step(X: Mapping[str, Tensor], V: Mapping[str, Tensor], lr: float) -> TensorDict:
+def gt_nsgdm_local_step(
+    X: Mapping[str, Tensor], V: Mapping[str, Tensor], lr: float, weight_decay: float = 0.0
+) -> TensorDict:
     """GT-NSGDm phase "X" message ``Y = X − η V/‖V‖`` (joint norm). Phases: "V" then "X"."""
-    # X: iterate; V: mixed tracker; lr: η_k. None modified.
-    return dsgd_local_step(X, gt_nsgdm_direction(V), lr)
+    # X: iterate; V: mixed tracker (or Ṽ); lr: η_k; weight_decay: λ. None modified.
+    return dsgd_local_step(X, gt_nsgdm_direction(V), lr, weight_decay)

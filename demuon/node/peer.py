@@ -166,7 +166,13 @@ class Peer:
             ns_dtype=self.ns_dtype,
             clip_scale=algorithm.clip_scale,
             clip_power=algorithm.clip_power,
+            weight_decay=algorithm.weight_decay,
+            adjust_lr=algorithm.adjust_lr,
         )
+        # MVR momentum (docs/algorithms.md §2.6): G̃ = ∇f(X^{k−1}; ξ^k) needs the previous iterate.
+        self.mvr = algorithm.momentum_form == "mvr"
+        self.X_prev: TensorDict | None = None  # X^{k−1}, where the last gradient was taken (MVR)
+        self.G_tilde: TensorDict = {}  # ∇f(X^{k−1}; ξ^k) of this round (MVR; 0 at the first round)
         self.codec: Codec = make_codec(gossip.codec)
         self.keyframe_codec: Codec = make_codec(IdentityCodec())  # full replicas travel uncompressed
         self.gamma = gossip.gamma
@@ -289,15 +295,43 @@ class Peer:
             for n, p in self.params.items()
         }
         self.last_loss = float(loss.detach())
+        if self.mvr:
+            self._mvr_gradient(batch)
         return self.last_loss
+
+    def _mvr_gradient(self, batch: Any) -> None:
+        """``G̃ = ∇f(X^{k−1}; ξ^k)``: the gradient at the previous iterate on this round's batch
+        (the same batch: batches are a pure function of (seed, peer, round)); 0 at the first round,
+        so ``M^0 = G^0`` (STORM's start). Then X^k is remembered for the next round."""
+        X_now = {n: p.detach().clone() for n, p in self.params.items()}
+        if self.X_prev is None:
+            self.G_tilde = self._zeros()
+        else:
+            with torch.no_grad():
+                for n, p in self.params.items():
+                    p.copy_(self.X_prev[n])
+            self.model.zero_grad(set_to_none=True)
+            torch.autograd.backward(self.workload.loss(self.model, batch))
+            self.G_tilde = {
+                n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
+                for n, p in self.params.items()
+            }
+            with torch.no_grad():
+                for n, p in self.params.items():
+                    p.copy_(X_now[n])
+        self.X_prev = X_now
 
     def _pre_mix(self, phase: str, k: int) -> TensorDict:
         """U (phase V) or Y (phase X): the value this peer contributes to the mix."""
         if phase == "V":
             assert self.rule.tracker_update is not None, f"{self.rule.name} has no phase V"
-            self.M, U = self.rule.tracker_update(self.M, self.V, self.G, self.algorithm.theta)
+            G_tilde = self.G_tilde if self.mvr else None
+            self.M, U = algorithms.tracker_step(
+                self.rule, self.M, self.V, self.G, self.algorithm.theta, G_tilde=G_tilde
+            )
             return U
-        D = self.V if self.rule.tracking else self.G
+        a = self.algorithm
+        D = algorithms.step_input(self.rule, self.V, self.G, a.theta, nesterov=a.nesterov)
         return self.rule.local_step(self.X(), D, self.lr(k), k, self.step_options)
 
     def message(self, phase: str, k: int, *, keyframe: bool = False) -> dict[str, Encoded]:
@@ -593,6 +627,7 @@ class Peer:
             "R": {ph: {j: _to_cpu(r) for j, r in rs.items()} for ph, rs in self.R.items()},
             "own_updates": {ph: list(v) for ph, v in self.own_updates.items()},
             "clipped": self.clipped,
+            **({"X_prev": _to_cpu(self.X_prev)} if self.mvr and self.X_prev is not None else {}),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -619,6 +654,7 @@ class Peer:
         saved = state.get("own_updates", {})
         self.own_updates = {ph: [float(x) for x in saved.get(ph, [])] for ph in self.phases}
         self.clipped = int(state.get("clipped", 0))
+        self.X_prev = dev(state["X_prev"]) if self.mvr and "X_prev" in state else None
 
 
 def _to_cpu(d: TensorDict) -> TensorDict:

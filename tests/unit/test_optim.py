@@ -252,3 +252,147 @@ def test_mix_dicts_mixes_every_tensor_with_the_same_weights() -> None:
     assert torch.allclose(out["w"], torch.full((2,), 1.5)) and torch.allclose(
         out["b"], torch.full((1,), 0.25)
     )
+
+
+# ------------------------------------------- Muon's options (docs/algorithms.md §2.6), float64
+
+
+def f64(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+
+def test_nesterov_lookahead_is_theta_g_plus_one_minus_theta_v_as_torch_lerps_it() -> None:
+    V, G = f64(5, 3, seed=1), f64(5, 3, seed=2)
+    theta = 0.05
+    out = optim.nesterov_lookahead(V, G, theta)
+    assert torch.allclose(out, theta * G + (1 - theta) * V, rtol=0, atol=1e-15)
+    assert torch.allclose(out, G.lerp(V, 0.95), rtol=0, atol=1e-15)  # torch.optim.Muon, μ = 0.95
+    assert torch.equal(optim.nesterov_lookahead(V, G, 1.0), G)
+    both = optim.nesterov_lookahead_dicts({"w": V}, {"w": G}, theta)
+    assert torch.equal(both["w"], out)
+
+
+def test_mvr_update_follows_storm_and_reduces_to_the_gradient_and_to_the_ema() -> None:
+    M, G, G_tilde = f64(4, 4, seed=1), f64(4, 4, seed=2), f64(4, 4, seed=3)
+    saved = [t.clone() for t in (M, G, G_tilde)]
+    out = optim.mvr_update(M, G, G_tilde, 0.3)
+    assert torch.allclose(out, G + 0.7 * (M - G_tilde), rtol=0, atol=1e-15)
+    assert torch.equal(optim.mvr_update(M, G, G_tilde, 1.0), G)  # β = θ = 1: plain gradient
+    assert torch.allclose(optim.mvr_update(M, G, G, 0.3), optim.momentum_update(M, G, 0.3), atol=1e-15)
+    assert all(torch.equal(a, b) for a, b in zip((M, G, G_tilde), saved, strict=True))
+    M_new, U = optim.mvr_tracker_update({"w": M}, {"w": G}, {"w": G}, {"w": G_tilde}, 0.3)
+    assert torch.equal(M_new["w"], out) and torch.allclose(U["w"], G + out - M, atol=1e-15)
+
+
+def test_decoupled_decay_scales_by_one_minus_lr_lambda_and_zero_is_the_input() -> None:
+    X = f64(3, 4)
+    assert torch.allclose(optim.decoupled_decay(X, 0.02, 0.1), X * 0.998, rtol=0, atol=1e-16)
+    assert optim.decoupled_decay(X, 0.02, 0.0) is X
+
+
+@pytest.mark.parametrize(
+    ("shape", "rule", "factor"),
+    [
+        ((8, 4), "original", math.sqrt(2.0)),
+        ((4, 8), "original", 1.0),
+        ((64, 3, 3, 3), "original", math.sqrt(64 / 27)),
+        ((1, 12, 3), "original", 2.0),
+        ((4, 8), "match_rms_adamw", 0.2 * math.sqrt(8)),
+        ((8, 4), "match_rms_adamw", 0.2 * math.sqrt(8)),
+        ((8, 4), "none", 1.0),
+        ((8,), "none", 1.0),
+    ],
+)
+def test_shape_factor_is_torch_adjust_lr(shape: tuple[int, ...], rule: str, factor: float) -> None:
+    from torch.optim._muon import _adjust_lr
+
+    assert optim.shape_factor(shape, rule) == pytest.approx(factor, rel=1e-15)  # type: ignore[arg-type]
+    if len(shape) == 2 and rule != "none":
+        assert optim.shape_factor(shape, rule) == _adjust_lr(1.0, rule, torch.Size(shape))  # type: ignore[arg-type]
+
+
+def test_shape_factor_needs_a_matrix() -> None:
+    with pytest.raises(ValueError, match="matrix"):
+        optim.shape_factor((8,), "original")
+
+
+def test_demuon_step_with_the_options_is_the_float64_rule() -> None:
+    X, V = f64(8, 4, seed=1), f64(8, 4, seed=2)
+    eta, lam, s = 0.05, 0.1, math.sqrt(2.0)
+    U, _, Vh = torch.linalg.svd(V, full_matrices=False)
+    expected = (1 - eta * lam) * X - eta * s * (U @ Vh)
+    Y = optim.demuon_step(X, V, eta, "polar_svd", weight_decay=lam, scale=s)
+    assert torch.allclose(Y, expected, rtol=0, atol=1e-14)
+    dsgd = optim.dsgd_step(X, V, eta, lam)
+    assert torch.allclose(dsgd, (1 - eta * lam) * X - eta * V, rtol=0, atol=1e-15)
+
+
+def test_without_the_options_the_steps_are_bitwise_the_old_expressions() -> None:
+    X, V = torch.randn(8, 4), torch.randn(8, 4)
+    assert torch.equal(optim.demuon_step(X, V, 0.02, "newton_schulz"), X - 0.02 * optim.newton_schulz(V))
+    assert torch.equal(optim.dsgd_step(X, V, 0.02), X - 0.02 * V)
+    Y = optim.demuon_local_step({"w": X}, {"w": V}, 0.02, weight_decay=0.0, adjust_lr="none")
+    assert torch.equal(Y["w"], X - 0.02 * optim.newton_schulz(V))
+
+
+def test_the_shape_factor_applies_to_orthogonalised_routes_only() -> None:
+    X = dict_of(w=torch.zeros(8, 2, dtype=torch.float64), e=torch.zeros(8, 2, dtype=torch.float64))
+    X["b"] = torch.zeros(3, dtype=torch.float64)
+    V = {n: f64(*x.shape, seed=i) for i, (n, x) in enumerate(X.items())}
+    routes = {"w": "polar_svd", "e": "colnorm", "b": "normalize"}
+    Y = optim.demuon_local_step(X, V, 0.1, routes, adjust_lr="original", weight_decay=0.5)
+    assert torch.allclose(Y["w"], -0.1 * 2.0 * optim.polar_svd(V["w"]), atol=1e-15)
+    assert torch.allclose(Y["e"], -0.1 * column_normalize(V["e"]), atol=1e-15)
+    assert torch.allclose(Y["b"], -0.1 * V["b"] / V["b"].norm(), atol=1e-15)
+
+
+def test_step_input_and_tracker_step_dispatch_the_options() -> None:
+    demuon, dsgd, gt_dsgd = algorithms.get("demuon"), algorithms.get("dsgd"), algorithms.get("gt_dsgd")
+    M, V, G = dict_of(w=f64(2, 2, seed=1)), dict_of(w=f64(2, 2, seed=2)), dict_of(w=f64(2, 2, seed=3))
+    assert algorithms.step_input(demuon, V, G, 0.3) is V and algorithms.step_input(dsgd, V, G, 0.3) is G
+    ahead = algorithms.step_input(demuon, V, G, 0.3, nesterov=True)
+    assert torch.allclose(ahead["w"], 0.3 * G["w"] + 0.7 * V["w"], atol=1e-15)
+    with pytest.raises(ValueError, match="momentum"):
+        algorithms.step_input(gt_dsgd, V, G, 0.3, nesterov=True)
+    plain = algorithms.tracker_step(demuon, M, V, G, 0.3)
+    assert torch.equal(plain[0]["w"], algorithms.local_tracker_update("demuon", M, V, G, 0.3)[0]["w"])
+    M_new, _ = algorithms.tracker_step(demuon, M, V, G, 0.3, G_tilde=M)
+    assert torch.allclose(M_new["w"], G["w"], atol=1e-15)  # G + (1−θ)(M − M)
+    with pytest.raises(ValueError, match="momentum"):
+        algorithms.tracker_step(gt_dsgd, M, V, G, 0.3, G_tilde=M)
+    Y = algorithms.local_step("demuon", M, V, G, 0.1, 0, theta=0.3, nesterov=True, routes={"w": "polar_svd"})
+    assert torch.allclose(Y["w"], M["w"] - 0.1 * optim.polar_svd(ahead["w"]), atol=1e-14)
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"name": "dsgd", "nesterov": True}, "algorithm.nesterov = true needs a method with momentum"),
+        ({"name": "gt_dsgd", "momentum_form": "mvr"}, "algorithm.momentum_form = 'mvr' needs"),
+        ({"name": "gt_nsgdm", "adjust_lr": "original"}, "algorithm.adjust_lr = 'original'"),
+        ({"lr": 0.5, "weight_decay": 2.0}, "algorithm.weight_decay = 2.0 with lr = 0.5"),
+        ({"weight_decay": -0.1}, "weight_decay"),
+        ({"adjust_lr": "sqrt"}, "adjust_lr"),
+        ({"momentum_form": "heavy_ball"}, "momentum_form"),
+    ],
+)
+def test_muon_options_are_refused_where_they_mean_nothing(section: dict[str, object], message: str) -> None:
+    from demuon.config import config_from_dict
+    from demuon.errors import ConfigError
+
+    with pytest.raises((ConfigError, ValueError), match=message):
+        config_from_dict({"algorithm": section})
+
+
+def test_muon_options_default_off_and_a_side_by_side_run_can_switch_them_off() -> None:
+    from demuon.config import AlgorithmConfig, config_from_dict
+
+    a = AlgorithmConfig()
+    assert (a.nesterov, a.weight_decay, a.adjust_lr, a.momentum_form) == (False, 0.0, "none", "ema")
+    config = config_from_dict(
+        {
+            "algorithm": {"name": "demuon", "nesterov": True, "adjust_lr": "original"},
+            "per_algorithm": {"dsgd": {"nesterov": False, "adjust_lr": "none"}},
+        }
+    )
+    assert config.for_algorithm("dsgd").algorithm.nesterov is False
