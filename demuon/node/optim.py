@@ -195,7 +195,8 @@ def demuon_step(
     scale: float = 1.0,
 ) -> Tensor:
     """``Y = X − η · ORTH(V)`` (docs/algorithms.md §2.1, before mixing); with Muon's options
-    ``Y = (1 − η λ) X − η s · ORTH(V)`` (§2.6, torch.optim.Muon's order: decay, then step)."""
+    ``Y = (1 − η λ) X − η s · ORTH(V)`` (docs/algorithms.md §2.6, torch.optim.Muon's order: decay,
+    then step)."""
     # X: iterate X^k; V: mixed tracker V^k (or its look-ahead Ṽ); lr: η_k; route: from route_for;
     # weight_decay: λ; scale: s from shape_factor. None modified.
     direction = demuon_direction(V, route, ns_steps=ns_steps, ns_dtype=ns_dtype)
@@ -204,7 +205,7 @@ def demuon_step(
 
 def dsgd_step(X: Tensor, D: Tensor, lr: float, weight_decay: float = 0.0) -> Tensor:
     """``Y = X − η D``: DSGD with ``D = G``, GT-DSGD with ``D = V`` (docs/algorithms.md §3);
-    ``Y = (1 − η λ) X − η D`` with decoupled weight decay λ (§2.6)."""
+    ``Y = (1 − η λ) X − η D`` with decoupled weight decay λ (docs/algorithms.md §2.6)."""
     # X: iterate; D: gradient or tracker; lr: η_k; weight_decay: λ. None modified.
     return decoupled_decay(X, lr, weight_decay) - lr * D
 
@@ -342,8 +343,8 @@ def demuon_local_step(
     """DeMuon phase "X" message ``Y = X − η ORTH(V)``. Phases: "V" then "X".
 
     ``routes`` maps names to routes (:func:`route_for`); a missing name gets the default routing.
-    With Muon's options (§2.6): ``Y = (1 − η λ) X − η s ORTH(V)``, ``s = shape_factor`` on the
-    orthogonalised routes (``newton_schulz``, ``polar_svd``) and 1 on every other.
+    With Muon's options (docs/algorithms.md §2.6): ``Y = (1 − η λ) X − η s ORTH(V)``,
+    ``s = shape_factor`` on the orthogonalised routes (``newton_schulz``, ``polar_svd``) and 1 on every other.
     """
     # X: iterate; V: mixed tracker (or Ṽ); lr: η_k; routes: name → route; weight_decay: λ;
     # adjust_lr: the shape-factor rule. None modified.
