@@ -93,6 +93,7 @@ async def test_with_top_k_compression_the_daemons_keep_mean_v_equal_to_mean_m_at
         assert [r["bytes_out"] for r in rows[i]] == [r["bytes_out"] for r in reference.per_peer[i]]
 
 
+@pytest.mark.slow  # launch is secure by default: test_launch's oracle test covers a CURVE cluster
 def test_a_curve_secured_cluster_with_keys_from_the_cli_matches_the_simulator(tmp_path: Path) -> None:
     keys = tmp_path / "keys"
     assert cli.main(["keys", "generate", str(keys), "--peers", "4"]) == 0

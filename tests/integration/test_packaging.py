@@ -21,6 +21,7 @@ import tomllib
 import zipfile
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -41,6 +42,7 @@ def run(*argv: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
     return proc
 
 
+@pytest.mark.slow  # a wheel build and a venv install (about 20 s): make test-slow
 def test_an_installed_wheel_runs_its_demo_from_outside_the_checkout(tmp_path: Path) -> None:
     dist = tmp_path / "dist"
     run(
