@@ -41,7 +41,7 @@ typecheck: $(STAMP)
 # Two pytest workers: the multi-process tests mostly wait (process start, deadlines) while the
 # other worker runs unit tests. Tests marked slow run sequentially in `make test-slow`.
 test: $(STAMP) broker netns-tools lint typecheck
-	$(PY) -m pytest -q -p no:cacheprovider -n 2
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist worksteal
 
 test-slow: $(STAMP) broker netns-tools
 	$(PY) -m pytest -q -p no:cacheprovider -m slow

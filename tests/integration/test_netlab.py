@@ -30,6 +30,7 @@ def netlab_namespaces() -> set[str]:
     return {name for name in existing_namespaces() if name.startswith("dn")}
 
 
+@pytest.mark.slow  # four peer processes in namespaces, about 20 s: make test-slow
 def test_a_cut_link_is_restored_and_the_ring_recovers_and_nothing_is_left_behind(tmp_path: Path) -> None:
     before = netlab_namespaces()
     # Nobody is marked down (down_after_misses is large), so the neighbours wait out each short

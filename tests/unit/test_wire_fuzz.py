@@ -19,7 +19,7 @@ from tests.support.wire import SHAPES, context, copies, digest, encoded, frames_
 # ---------------------------------------------------------------------------------- the fuzzing
 
 
-FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SCALARS = (
     st.none()
     | st.booleans()
