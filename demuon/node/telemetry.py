@@ -433,6 +433,13 @@ class Telemetry:
                 tg.create_task(self._pump(client))
                 tg.create_task(self._pump_outbox(client))
                 tg.create_task(self._listen(client))
+                # Wait here, not in the group's __aexit__: when the broker vanishes a child fails
+                # (``client.messages`` raises on disconnection, a publish on a dead link), which
+                # cancels this wait and the group undoes that cancellation. A child failing while
+                # the group is already exiting leaves this task's cancelling() raised on Python
+                # 3.11 (the group cancels it and never uncancels), and _connect_forever would take
+                # the lost connection for its own cancellation and stop reconnecting.
+                await asyncio.Event().wait()
 
     def _drain_outbox(self) -> list[_Outgoing]:
         items = []

@@ -13,13 +13,15 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import aiomqtt
 import pytest
+import torch
 
+from demuon.app import simulate
 from demuon.app.run import prepare, run_peer, telemetry_status
 from demuon.app.watch import Broker, View, collect
 from demuon.config import load_config
@@ -256,3 +258,80 @@ async def watch_once(port: int, prefix: str) -> dict[int, dict[str, Any]]:
             await watch.wait()
     assert watch.returncode == 0
     return {p["peer"]: p for p in json.loads(out)["peers"]}
+
+
+@needs_broker
+async def test_a_broker_killed_mid_run_changes_nothing_and_telemetry_resumes_when_it_returns(
+    tmp_path: Path,
+) -> None:
+    """Every peer pauses itself after round 4; the broker is killed; rounds 5–9 run without it;
+    every peer pauses again, a new broker starts on the same port and the rest of the run goes
+    on. Training never waited on the broker (the peers end with the simulator's parameters and
+    no missing message) and every peer's rows reach a subscriber of the new broker."""
+    port, prefix = free_port(), "demuon-outage"
+    sets = [
+        "telemetry.mqtt_host='127.0.0.1'",
+        f"telemetry.mqtt_port={port}",
+        f"telemetry.topic_prefix='{prefix}'",
+    ]
+    config = load_config(RING, sets)
+    peers = range(config.peers)
+    telemetries = [Telemetry(config.telemetry, i, run=RUN, backoff=(0.05, 0.2)) for i in peers]
+    daemons = inproc_daemons(config, tmp_path)
+    held = {k: asyncio.Event() for k in (4, 9, 14)}
+    paused_at: dict[int, set[int]] = {k: set() for k in held}
+
+    def hook(i: int) -> Callable[[Mapping[str, Any]], None]:
+        def on_round(row: Mapping[str, Any]) -> None:
+            telemetries[i].publish(row)
+            if row["round"] in held:  # nobody starts the next round until the test resumes them all
+                telemetries[i].apply("pause")
+                paused_at[row["round"]].add(i)
+                if len(paused_at[row["round"]]) == config.peers:
+                    held[row["round"]].set()
+
+        return on_round
+
+    for daemon, telemetry in zip(daemons, telemetries, strict=True):
+        with_telemetry(daemon, telemetry)
+        daemon.on_round = hook(daemon.peer.index)
+    seen: dict[int, set[int]] = {i: set() for i in peers}
+    async with asyncio.TaskGroup() as tg:
+        runs = [tg.create_task(d.run()) for d in daemons]
+        try:
+            with mosquitto(tmp_path, port) as first:
+                async with asyncio.timeout(DEADLINE_S):
+                    await held[4].wait()
+                first.kill()
+                first.wait(timeout=DEADLINE_S)
+            for telemetry in telemetries:
+                telemetry.apply("resume")  # rounds 5–9 with no broker
+            async with asyncio.timeout(DEADLINE_S):
+                await held[9].wait()
+            with mosquitto(tmp_path, port):
+                async with aiomqtt.Client("127.0.0.1", port) as client:
+                    await client.subscribe(f"{prefix}/peer/+/metrics", qos=1)
+                    for telemetry in telemetries:
+                        telemetry.apply("resume")
+                    async with asyncio.timeout(DEADLINE_S):
+                        await held[14].wait()  # held again, with rows of rounds 10–14 to send
+                        while not all(14 in rounds for rounds in seen.values()):
+                            message = await anext(client.messages)
+                            assert isinstance(message.payload, bytes)
+                            row = json.loads(message.payload)
+                            seen[row["peer"]].add(row["round"])
+            for telemetry in telemetries:
+                telemetry.apply("resume")  # and on to the end
+        except BaseException:
+            for telemetry in telemetries:
+                telemetry.apply("stop")
+            raise
+    assert [r.result() for r in runs] == [DaemonStatus.STOPPED] * config.peers
+    assert all(set(range(10, 15)) <= rounds for rounds in seen.values()), seen  # telemetry is back
+    reference = simulate.run(config).peers
+    for daemon, want in zip(daemons, reference, strict=True):
+        rows = [json.loads(line) for line in (daemon.out / "metrics.jsonl").read_text().splitlines()]
+        assert [r["round"] for r in rows] == list(range(config.rounds))
+        assert all(r["missing"] == [] and r["down"] == [] for r in rows)  # the broker is not a neighbour
+        for name, p in want.params.items():
+            assert torch.equal(daemon.peer.params[name].detach(), p.detach()), (daemon.peer.index, name)
