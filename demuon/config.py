@@ -266,8 +266,26 @@ class Int8Codec(Frozen):
     per_row: bool = False
 
 
+class BlockQuantCodec(Frozen):
+    """Block-wise 4/2/1-bit quantization with a float32 scale per block (``transport.codecs.BlockQuant``).
+    Suggested ``gossip.gamma``: 1.0 (4 bits), 0.4 (2 bits), 0.6 (1 bit); stochastic 1.0 / 0.5 / 0.1
+    (``codecs.BLOCKQ_GAMMA``, docs/algorithms.md §7)."""
+
+    kind: Literal["blockq"] = "blockq"
+    bits: Literal[1, 2, 4] = 4
+    block: int = Field(default=256, ge=8, multiple_of=8, description="entries per scale (a multiple of 8)")
+    stochastic: bool = Field(default=False, description="unbiased stochastic rounding (scaled per block)")
+
+
 CodecConfig = Annotated[
-    IdentityCodec | CastCodec | TopKCodec | RandKCodec | RankKCodec | NaturalCodec | Int8Codec,
+    IdentityCodec
+    | CastCodec
+    | TopKCodec
+    | RandKCodec
+    | RankKCodec
+    | NaturalCodec
+    | Int8Codec
+    | BlockQuantCodec,
     Field(discriminator="kind"),
 ]
 

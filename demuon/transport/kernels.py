@@ -17,8 +17,16 @@ decoding assembles the two bfloat16 bytes from the exponent and sign bytes and w
 **Random bits** for natural compression and int8 come from NumPy's PCG64 bit generator seeded with
 ``seed``: its raw stream is guaranteed stable across NumPy versions (NEP 19), and it is about
 twice as fast as drawing the same integers from a ``torch.Generator`` (1.2 ms vs 2.6 ms per
-million on one core), which is most of natural compression's encode time. Rand-K indices and the
-rank-K sketch use a seeded CPU ``torch.Generator`` (randperm / randn).
+million on one core), which is most of natural compression's encode time. Block quantization's
+stochastic rounding takes 16 bits per entry (:func:`uniform16`), a quarter of the stream. Rand-K
+indices and the rank-K sketch use a seeded CPU ``torch.Generator`` (randperm / randn).
+
+**Block quantization** (4, 2 or 1 bit, a float32 scale per block; ``codecs.BlockQuant`` states
+the rules and their contraction factors): blocks are rows of a 2-D view, so every step is one
+vectorised pass; signed codes are packed ``8/bits`` to a byte by reading the ``8/bits`` code bytes
+of one output byte as one little-endian integer and folding its fields together with shifts
+(unpacking shifts them apart and sign-extends with an arithmetic shift), 1-bit codes with NumPy's
+``packbits``. Decoding is elementwise.
 
 **Low rank**: a seeded randomized SVD (range finder with power iterations), and the product
 ``P Qᵀ`` summed one outer product at a time with elementwise ops, so decoding gives the same bits
@@ -53,6 +61,17 @@ def random_bits23(n: int, seed: int) -> torch.Tensor:
 def uniform01(n: int, seed: int) -> torch.Tensor:
     """``n`` float32 uniforms in ``[0, 1)`` on the 2^-23 grid, from :func:`random_bits23`."""
     return random_bits23(n, seed).to(torch.float32).mul_(2.0**-MANTISSA_BITS)
+
+
+def uniform16(n: int, seed: int) -> torch.Tensor:
+    """``n`` float32 uniforms ``(2k + 1)/2^17``, ``k`` uniform in ``[0, 2^16)``: 16 bits of the PCG64
+    stream of ``seed`` each (a quarter of :func:`uniform01`'s draws). Midpoints, so
+    ``P(u < t)`` is within 2^-17 of ``t`` for every ``t ∈ [0, 1]``: enough for stochastic rounding to
+    a few levels (block quantization), at a quarter of the generator's time."""
+    raw = np.random.PCG64(seed & SEED_MASK).random_raw(-(-n // 4))
+    out = np.multiply(raw.view(np.uint16)[:n], np.float32(2.0**-16), dtype=np.float32)
+    out += np.float32(2.0**-17)
+    return torch.from_numpy(out)
 
 
 def randk_indices(d: int, k: int, seed: int) -> torch.Tensor:
@@ -227,3 +246,198 @@ def outer_sum(P: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
     for col in range(P.shape[1]):
         out += P[:, col, None] * Q[None, :, col]
     return out
+
+
+# ------------------------------------------------------------------- block quantization
+
+
+QUANT_BITS = (1, 2, 4)  # block quantization widths; 8/bits codes per byte
+STOCHASTIC_CHUNK = 1 << 18  # entries per pass of stochastic block quantization (1 MiB float32 scratch)
+QUANT_ALIGN = 8  # a block's codes start on a byte boundary: blocks and the padded tail are multiples of 8
+_WIDE = {1: torch.int64, 2: torch.int32, 4: torch.int16}  # 8/bits bytes: one packed byte's codes
+
+
+def quant_levels(bits: int) -> int:
+    """``L = 2^(bits−1) − 1``: the signed grid ``−L … L`` of ``bits`` ≥ 2 (7 for 4 bits, 1 for 2
+    bits: ternary); 0 for 1 bit, whose two levels ``±1`` have no zero."""
+    return (1 << (bits - 1)) - 1
+
+
+def padded_length(d: int) -> int:
+    """Codes on the wire for ``d`` entries: ``d`` rounded up to a multiple of :data:`QUANT_ALIGN`."""
+    return -(-d // QUANT_ALIGN) * QUANT_ALIGN
+
+
+def pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Signed ``bits``-bit codes (flat int8, length a multiple of 8) → uint8, ``8/bits`` per byte:
+    code ``i`` (two's complement) in bits ``[bits·(i % k), bits·(i % k + 1))`` of byte ``i // k``,
+    ``k = 8/bits`` (little bit order, as :func:`pack_bits`). The ``k`` bytes of one output byte are
+    read as one little-endian integer whose fields are folded together by shifts."""
+    mask = (1 << bits) - 1
+    wide = q.view(_WIDE[bits]) & int.from_bytes(bytes([mask]) * (8 // bits), "little")
+    for step in range((8 // bits).bit_length() - 1):  # log2(k) folds, each halving the fields
+        wide |= wide >> ((8 - bits) << step)  # fields 2m+1 move next to fields 2m
+    return wide.to(torch.uint8)  # the low byte (integer conversion wraps)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: int8 codes in ``−2^(bits−1) … 2^(bits−1) − 1``, ``8/bits``
+    per byte. Each byte is widened and shifted so that code ``j`` lands in the top bits of byte
+    ``j`` of the wide integer; an arithmetic shift of those bytes sign-extends it."""
+    src = packed.to(_WIDE[bits])
+    shift = 8 - bits
+    wide = src << shift
+    for j in range(1, 8 // bits):
+        wide |= src << (shift * (j + 1))
+    return wide.view(torch.int8) >> shift
+
+
+def quant_pieces(
+    t: torch.Tensor, d: int, block: int, most: int | None = None
+) -> list[tuple[slice, torch.Tensor, int]]:
+    """A flat tensor of :func:`padded_length` ``(d)`` entries cut into blocks: ``(rows, view, count)``
+    for the full blocks (``k × block`` views of at most ``most`` rows each, ``count = block``) and
+    for the last, partial block (a ``1 × padded`` view holding ``count = d mod block`` real
+    entries, then zeros); ``rows`` is the slice of the per-block scales each view's rows own."""
+    full = d // block
+    step = most or max(full, 1)
+    pieces = [
+        (slice(i, min(i + step, full)), t[i * block : min(i + step, full) * block].view(-1, block), block)
+        for i in range(0, full, step)
+    ]
+    if full * block < t.numel():
+        pieces.append((slice(full, full + 1), t[full * block :].view(1, -1), d - full * block))
+    return pieces
+
+
+def _block_max(A: torch.Tensor) -> torch.Tensor:
+    """``max|row|`` of each row (NaN if the row holds one), without an ``|A|`` temporary."""
+    return torch.maximum(A.amax(dim=1), A.amin(dim=1).neg_())
+
+
+def _grid_steps(A: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(step, divisor)`` per row: ``step = max|row|/L`` (NaN or inf in the row make it, so every
+    value decoded from the row, non-finite) and the step with 0 replaced by 1. ``A`` is divided by
+    it, not multiplied by ``1/step``, which overflows for tiny steps."""
+    step = _block_max(A) / levels
+    return step, torch.where(step == 0, 1.0, step)[:, None]
+
+
+def _grid_codes(A: torch.Tensor, levels: int, out: torch.Tensor) -> torch.Tensor:
+    """Round each row of ``A`` to nearest on ``step·{−L … L}`` (half to even), codes into int8
+    ``out``; returns the steps."""
+    step, divisor = _grid_steps(A, levels)
+    out.copy_(torch.div(A, divisor).round_())
+    return step
+
+
+def _sign_bits(A: torch.Tensor, count: int, out: np.ndarray) -> torch.Tensor:
+    """The scaled sign of each row: sign bits into bool ``out`` (True = negative), scale
+    ``‖row‖₁/count``."""
+    np.signbit(A.numpy(), out=out)
+    return A.abs().sum(dim=1) / count
+
+
+def _fill_uniform16(gen: np.random.PCG64, out: torch.Tensor) -> torch.Tensor:
+    """``out`` (float32, a multiple of 4 entries) filled with the next :func:`uniform16` draws."""
+    raw = gen.random_raw(out.numel() // 4)
+    dst = out.numpy()
+    np.multiply(raw.view(np.uint16), np.float32(2.0**-16), out=dst.reshape(-1))
+    dst += np.float32(2.0**-17)
+    return out
+
+
+def _stochastic_grid(
+    A: torch.Tensor, levels: int, u: torch.Tensor, out: torch.Tensor, y: torch.Tensor, t: torch.Tensor
+) -> torch.Tensor:
+    """Unbiased rounding ``⌊A/step + u⌋`` of each row onto ``step·{−L … L}``, codes into int8
+    ``out``; ``u`` holds the draws, ``y`` and ``t`` are scratch of ``A``'s shape (all three are
+    overwritten). Returns each row's step shrunk by ``1/(1 + ω_row)``, ``ω_row = Σ f(1 − f)/Σ y²``
+    (``y = A/step``, ``f = y − ⌊y⌋``): the row's exact variance ratio, so the shrunk row has the
+    least mean square error, ``ω/(1 + ω)·‖row‖²``."""
+    step, divisor = _grid_steps(A, levels)
+    torch.div(A, divisor, out=y)
+    frac = torch.sub(y, torch.floor(y, out=t), out=t)
+    var = frac.sum(dim=1).sub_(frac.square_().sum(dim=1))  # Σ f − Σ f² = Σ f(1 − f)
+    energy = torch.mul(y, y, out=t).sum(dim=1)
+    out.copy_(y.add_(u).floor_().clamp_(-levels, levels))
+    return torch.where(energy > 0, step * energy / (energy + var), step)
+
+
+def _stochastic_sign(
+    A: torch.Tensor, count: int, u: torch.Tensor, out: np.ndarray, t: torch.Tensor
+) -> torch.Tensor:
+    """Each row's entries to ``±max|row|``, negative with probability ``(1 − A/max|row|)/2``
+    (unbiased), into bool ``out`` (True = negative); ``u`` holds the draws, ``t`` is scratch.
+    Returns the scales shrunk by ``1/(1 + ω_row) = ‖row‖²/(count·max|row|²)``, i.e.
+    ``‖row‖²/(count·max|row|)`` (0 for a zero row; NaN stays NaN)."""
+    top = _block_max(A)
+    safe = torch.where(top > 0, top, 1.0)
+    scale = torch.where(top > 0, torch.mul(A, A, out=t).sum(dim=1) / (count * safe), top)
+    threshold = torch.div(A, safe[:, None], out=t).mul_(-0.5).add_(0.5)  # P(negative)
+    np.less(u.numpy(), threshold.numpy(), out=out)
+    return scale
+
+
+def _stochastic_codes(
+    xp: torch.Tensor, d: int, bits: int, block: int, seed: int, codes: torch.Tensor, scales: torch.Tensor
+) -> None:
+    """Stochastic codes and scales of :func:`blockq_encode`, in chunks of at most
+    :data:`STOCHASTIC_CHUNK` entries that reuse three scratch buffers (fresh large temporaries
+    cost a page fault per 4 KiB, several times the arithmetic). The draws are consumed in order,
+    so they are those of :func:`uniform16` ``(padded_length(d), seed)`` whatever the chunking."""
+    most = max(1, STOCHASTIC_CHUNK // block)
+    gen = np.random.PCG64(seed & SEED_MASK)
+    scratch = torch.empty(3, min(xp.numel(), most * block))
+    for (rows, A, count), (_, out, _) in zip(
+        quant_pieces(xp, d, block, most), quant_pieces(codes, d, block, most), strict=True
+    ):
+        u, y, t = (buf[: A.numel()].view(A.shape) for buf in scratch)
+        _fill_uniform16(gen, u)
+        if bits == 1:
+            scales[rows] = _stochastic_sign(A, count, u, out.numpy(), t)
+        else:
+            scales[rows] = _stochastic_grid(A, quant_levels(bits), u, out, y, t)
+
+
+def blockq_encode(
+    x: torch.Tensor, bits: int, block: int, seed: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block quantization of a flat contiguous float32 CPU tensor ``x`` (not modified): blocks of
+    ``block`` entries (a multiple of 8; the last one partial), each with a float32 scale, codes
+    packed ``8/bits`` to a byte (:func:`pack_codes`, :func:`pack_bits`). ``seed`` None rounds to
+    nearest; otherwise stochastic rounding with the :func:`uniform16` draws of ``seed``, in order.
+    Returns ``(packed, scales)``: uint8 of ``padded_length(d)·bits/8`` bytes and float32 of
+    ``⌈d/block⌉``. For ``bits`` ≥ 2 the scale is the grid step (decode: ``code·step``), for 1 bit
+    the magnitude (``±scale``)."""
+    d = x.numel()
+    n = padded_length(d)
+    xp = x if n == d else torch.cat((x, x.new_zeros(n - d)))
+    scales = torch.empty(-(-d // block), dtype=torch.float32)
+    codes = torch.empty(n, dtype=torch.bool if bits == 1 else torch.int8)
+    if seed is not None:
+        _stochastic_codes(xp, d, bits, block, seed, codes, scales)
+    else:
+        for (rows, A, count), (_, out, _) in zip(
+            quant_pieces(xp, d, block), quant_pieces(codes, d, block), strict=True
+        ):
+            scales[rows] = (
+                _sign_bits(A, count, out.numpy()) if bits == 1 else _grid_codes(A, quant_levels(bits), out)
+            )
+    return (pack_bits(codes) if bits == 1 else pack_codes(codes, bits)), scales
+
+
+def blockq_decode(packed: torch.Tensor, scales: torch.Tensor, bits: int, block: int, d: int) -> torch.Tensor:
+    """Float32 vector of ``d`` entries from :func:`blockq_encode`'s buffers (sizes checked by the
+    caller): ``code·step`` per block for ``bits`` ≥ 2, ``±scale`` for 1 bit. Elementwise only."""
+    n = padded_length(d)
+    if bits == 1:
+        out = unpack_bits(packed, n).to(torch.float32)  # 1 = negative
+        for rows, A, _ in quant_pieces(out, d, block):
+            s = scales[rows, None]
+            A.mul_(-2.0 * s).add_(s)
+    else:
+        out = unpack_codes(packed, bits).to(torch.float32)
+        for rows, A, _ in quant_pieces(out, d, block):
+            A.mul_(scales[rows, None])
+    return out if n == d else out[:d]
