@@ -11,7 +11,18 @@ import torch
 import xxhash
 
 from demuon.transport import wire
-from demuon.transport.codecs import Cast, Codec, Encoded, Identity, Int8, Natural, RandK, RankK, TopK
+from demuon.transport.codecs import (
+    BlockQuant,
+    Cast,
+    Codec,
+    Encoded,
+    Identity,
+    Int8,
+    Natural,
+    RandK,
+    RankK,
+    TopK,
+)
 
 SHAPES: dict[str, tuple[int, ...]] = {"layer.weight": (6, 5), "layer.bias": (5,), "gain": ()}
 CODECS: list[Codec] = [
@@ -24,6 +35,10 @@ CODECS: list[Codec] = [
     Natural(),
     Int8(),
     Int8(per_row=True),
+    BlockQuant(4),
+    BlockQuant(2, 8, stochastic=True),
+    BlockQuant(1),
+    BlockQuant(1, 16, stochastic=True),
 ]
 
 
