@@ -49,7 +49,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from demuon.transport import wire  # noqa: E402
-from demuon.transport.codecs import Cast, Codec, Identity, Int8, Natural, RandK, RankK, TopK  # noqa: E402
+from demuon.transport.codecs import (  # noqa: E402
+    BlockQuant,
+    Cast,
+    Codec,
+    Identity,
+    Int8,
+    Natural,
+    RandK,
+    RankK,
+    TopK,
+)
 from demuon.transport.zeromq import ZmqTransport  # noqa: E402
 
 SIZES = (64 << 10, 1 << 20, 16 << 20)  # tensor bytes
@@ -64,6 +74,12 @@ CODECS: dict[str, Codec] = {
     "rankk 4": RankK(4),
     "natural": Natural(),
     "int8": Int8(),
+    "blockq 4-bit": BlockQuant(4),
+    "blockq 2-bit": BlockQuant(2),
+    "blockq 1-bit": BlockQuant(1),
+    "blockq 4-bit stoch": BlockQuant(4, stochastic=True),
+    "blockq 2-bit stoch": BlockQuant(2, stochastic=True),
+    "blockq 1-bit stoch": BlockQuant(1, stochastic=True),
 }
 HWM = 1000
 
