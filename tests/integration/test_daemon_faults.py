@@ -40,6 +40,7 @@ from tests.support.cluster import (
 RUN_BOUND_S = 60.0
 
 
+@pytest.mark.slow  # four processes and a restart, 16–70 s: make test-slow (launch --resume is in make test)
 def test_a_peer_stopped_by_sigterm_checkpoints_and_resumes_where_it_left_off(tmp_path: Path) -> None:
     rounds = 40
     sets = (

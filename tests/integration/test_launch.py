@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
+import pytest
 
 from demuon import results
 from demuon.app import cli, compose
@@ -286,6 +287,7 @@ def test_in_float64_and_under_a_fault_plan_launch_and_simulate_reach_the_same_pa
     assert launched_summary["tracking_drift"] == simulated_summary["tracking_drift"]
 
 
+@pytest.mark.slow  # a SIGKILL, a restart and a resume, about 17 s: make test-slow
 def test_a_planned_crash_is_restarted_from_its_checkpoint_and_the_run_finishes(tmp_path: Path) -> None:
     config = write_config(tmp_path / "cluster.toml", rounds=14, peers=3)
     plan = tmp_path / "crash.toml"
