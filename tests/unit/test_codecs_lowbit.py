@@ -389,7 +389,7 @@ def test_replicas_stay_bitwise_equal_and_the_tracking_invariant_holds(codec: Blo
     cfg = config_from_dict(
         {
             "peers": 8,
-            "rounds": 30,
+            "rounds": 20,
             "seed": 1,
             "dtype": "float64",
             "device": "cpu",
