@@ -30,3 +30,13 @@ def eight_peers(
             "faults": faults or {},
         }
     )
+
+
+def tiny_cluster_toml(*, rounds: int, phase_timeout_s: float, extra: str = "") -> str:
+    """A 2-peer cluster file on the complete graph with a small least-squares workload (the CLI
+    tests write it to a temp folder); ``extra`` is appended as TOML."""
+    return (
+        f'peers = 2\nrounds = {rounds}\ndevice = "cpu"\n[topology]\nname = "complete"\n'
+        '[workload]\nkind = "quadratic"\nrows = 8\ndim_in = 4\ndim_out = 2\n'
+        f"[network]\nstart_timeout_s = 1.0\nphase_timeout_s = {phase_timeout_s}\n{extra}"
+    )

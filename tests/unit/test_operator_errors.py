@@ -17,22 +17,9 @@ import pytest
 from demuon.app import cli
 from demuon.config import load_config
 from demuon.errors import ConfigError
+from tests.support.configs import tiny_cluster_toml
 
-TINY = """
-peers = 2
-rounds = 1
-device = "cpu"
-[topology]
-name = "complete"
-[workload]
-kind = "quadratic"
-rows = 8
-dim_in = 4
-dim_out = 2
-[network]
-start_timeout_s = 1.0
-phase_timeout_s = 1.0
-"""
+TINY = tiny_cluster_toml(rounds=1, phase_timeout_s=1.0)
 
 
 @pytest.fixture

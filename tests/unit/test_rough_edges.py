@@ -26,24 +26,9 @@ from demuon.transport import zeromq
 from demuon.transport.inproc import InprocHub
 from demuon.workloads import make_workload
 from tests.support.cluster import free_ports, inproc_daemon, inproc_daemons
+from tests.support.configs import tiny_cluster_toml
 
-TINY = """
-peers = 2
-rounds = 3
-device = "cpu"
-[topology]
-name = "complete"
-[workload]
-kind = "quadratic"
-rows = 8
-dim_in = 4
-dim_out = 2
-[network]
-start_timeout_s = 1.0
-phase_timeout_s = 0.05
-[security]
-enabled = false
-"""
+TINY = tiny_cluster_toml(rounds=3, phase_timeout_s=0.05, extra="[security]\nenabled = false\n")
 
 
 @pytest.fixture
