@@ -141,12 +141,9 @@ def cluster_keys(config: Config, folder: Path) -> str | None:
         return None
     if sec.enabled and sec.key_dir is not None:
         return str(Path(sec.key_dir).resolve())
-    from demuon.transport.security import generate_keys
+    from demuon.transport.security import ensure_keys
 
-    keys = folder / "keys"
-    missing = [i for i in range(config.peers) if not (keys / f"peer-{i}.key_secret").is_file()]
-    if missing:
-        generate_keys(keys, missing)
+    ensure_keys(folder / "keys", config.peers)
     return "./keys"
 
 

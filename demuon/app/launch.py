@@ -813,12 +813,9 @@ def cluster_security(config: Config, out: Path) -> list[str]:
         return []
     if sec.enabled and sec.key_dir is not None:
         return []
-    from demuon.transport.security import generate_keys
+    from demuon.transport.security import ensure_keys
 
-    keys = out / "keys"
-    missing = [i for i in range(config.peers) if not (keys / f"peer-{i}.key_secret").is_file()]
-    if missing:
-        generate_keys(keys, missing)
+    keys = ensure_keys(out / "keys", config.peers)
     return ["security.enabled=true", f"security.key_dir={json.dumps(str(keys.resolve()))}"]
 
 

@@ -86,6 +86,16 @@ def generate_keys(directory: str | os.PathLike[str], peer_ids: Iterable[int]) ->
     return out
 
 
+def ensure_keys(directory: str | os.PathLike[str], n_peers: int) -> Path:
+    """Keys for peers ``0 … n_peers − 1`` in ``directory``: the ones already there are kept (a
+    restarted or resumed peer finds its key again), the missing ones generated. Returns the folder."""
+    d = Path(directory)
+    missing = [i for i in range(n_peers) if not (d / f"peer-{i}.key_secret").is_file()]
+    if missing:
+        generate_keys(d, missing)
+    return d
+
+
 def load_keys(directory: str | os.PathLike[str], peer_id: int) -> CurveKeys:
     """Peer ``peer_id``'s own keypair from ``peer-<id>.key_secret``."""
     path = Path(directory) / f"peer-{peer_id}.key_secret"
