@@ -223,6 +223,10 @@ class Gossip:
         self._shapes = {n: tuple(p.shape) for n, p in peer.params.items()}
         self._keyframe_shapes, self._keyframe_dtypes = peer.keyframe_tensors()
         self._codecs = {"identity": make_codec(IdentityCodec()), peer.codec.kind: peer.codec}
+        # what any valid message of this run can take: fixed by its tensors, checked before parsing
+        self.max_header_bytes = wire.header_bound(self._keyframe_shapes)  # frame 0
+        self.max_frame_bytes = max(self.max_header_bytes, wire.frame_bound(self._keyframe_shapes))
+        self._max_message_bytes = wire.message_bound(self._keyframe_shapes)  # all frames
         self._ctx = self._context(start_round)
         self._first_phase = True
         self.first_timeout_s = self.net.start_timeout_s  # deadline of the first phase this process runs
@@ -246,20 +250,9 @@ class Gossip:
             max_round=max(k + AHEAD_WINDOW, self._rounds - 1),
             codecs=self._codecs,
             require_finite=True,
-            max_message_bytes=wire.message_bound(self._keyframe_shapes),
+            max_message_bytes=self._max_message_bytes,
             max_header_bytes=self.max_header_bytes,
         )
-
-    @property
-    def max_header_bytes(self) -> int:
-        """The longest frame 0 any valid message of this run can have (``wire.header_bound``)."""
-        return wire.header_bound(self._keyframe_shapes)
-
-    @property
-    def max_frame_bytes(self) -> int:
-        """The largest frame any valid message of this run can have: the transport's limit for
-        what it buffers from anyone (``ZMQ_MAXMSGSIZE``)."""
-        return max(self.max_header_bytes, wire.frame_bound(self._keyframe_shapes))
 
     def decode(self, sender: int, frames: list[memoryview]) -> Inbound:
         """The transport's decode: ``wire.decode`` against the current round's context."""
@@ -383,6 +376,7 @@ class Gossip:
         start, clock = loop.time(), time.perf_counter()
         deadline, next_resend = start + deadline_s, start + RESEND_EVERY_S
         resends = resent_bytes = 0
+        lost_after = self._lost_after()
         while True:
             # a sender's later message means its (k, phase) was lost: links keep each sender's
             # order, and it sent (k, phase) before anything of round k + 1 (e.g. to the process we
@@ -391,7 +385,7 @@ class Gossip:
                 j
                 for j in waiting
                 if not self.mailbox.has(k, phase, j)
-                and self.mailbox.latest.get(j, k) < k + self._lost_after()
+                and self.mailbox.latest.get(j, k) < k + lost_after
                 and j not in self.departed
             ]
             now = loop.time()
