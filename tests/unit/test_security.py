@@ -240,3 +240,31 @@ def test_run_refuses_to_go_beyond_loopback_without_choosing_about_security(
     )
     check_security(config, 0)  # open on purpose: allowed
     check_security(load_config(CONFIGS / "oracle-ring4.toml"), 0)  # loopback: allowed
+
+
+async def test_a_frame_of_exactly_the_size_limit_passes_curve(secured: Secured) -> None:
+    """ZMQ_MAXMSGSIZE counts a frame as it travels: CURVE's envelope must not push a frame of
+    exactly ``max_frame_bytes`` (the run's largest tensor) over the limit."""
+    limit = 131_072
+    server: ZmqTransport[Received] = ZmqTransport(
+        2,
+        "tcp://127.0.0.1:*",
+        {},
+        decode,
+        max_frame_bytes=limit,
+        curve=secured.keys[2],
+        public_keys=secured.public,
+    )
+    peer1: ZmqTransport[Received] = ZmqTransport(
+        1, "tcp://127.0.0.1:*", {}, decode, curve=secured.keys[1], public_keys=secured.public
+    )
+    try:
+        await server.start()
+        await peer1.start()
+        peer1.add_neighbour(2, server.endpoint)
+        assert await peer1.wait_ready([2], DEADLINE_S)
+        await peer1.send([2], [b"header", bytes(limit)])
+        assert await asyncio.wait_for(server.recv(), DEADLINE_S) == (1, [b"header", bytes(limit)])
+    finally:
+        await peer1.close()
+        await server.close()
