@@ -10,7 +10,7 @@ of the received ZeroMQ frames, without a copy.
 Sockets (options set explicitly): LINGER ``linger_ms`` (0: close never waits), SNDHWM/RCVHWM
 ``hwm`` messages, RECONNECT_IVL/_MAX, IMMEDIATE on DEALERs (queue only to live connections),
 ROUTER_HANDOVER on the ROUTER (a restarted neighbour with the same identity takes over), and
-MAXMSGSIZE ``max_frame_bytes`` plus a framing margin on the ROUTER (libzmq checks each frame's
+MAXMSGSIZE ``max_frame_bytes`` (plus CURVE's envelope) on the ROUTER (libzmq checks each frame's
 declared size before buffering it: a larger frame drops the connection, nothing is allocated).
 
 ZMTP heartbeats (IVL ``heartbeat_ms``, TIMEOUT and TTL three intervals; 0 disables) run on the
@@ -60,9 +60,9 @@ from demuon.transport.security import ZAP_DOMAIN, CurveKeys, ZapAllowList, as_ke
 
 T = TypeVar("T")
 
-#: What ZMQ_MAXMSGSIZE allows above ``max_frame_bytes``: libzmq counts a frame as it travels, and
-#: CURVE wraps each one in a MESSAGE command (name, nonce, MAC: about 34 bytes).
-FRAMING_MARGIN_BYTES = 1024
+#: What ZMQ_MAXMSGSIZE allows above ``max_frame_bytes`` under CURVE: libzmq counts a frame as it
+#: travels, and CURVE wraps each one in a MESSAGE command (name, nonce, MAC: about 34 bytes).
+CURVE_MARGIN_BYTES = 1024
 #: Longest decimal peer id accepted as a routing identity.
 MAX_IDENTITY_DIGITS = 10
 #: Reconnect back-off of the DEALERs (first try, ceiling), in ms.
@@ -200,7 +200,8 @@ class ZmqTransport(Generic[T]):
         try:
             self._common_options(sock, heartbeat_ms=0)  # never on the listener: see the module docstring
             sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
-            limit = -1 if self.max_frame_bytes is None else self.max_frame_bytes + FRAMING_MARGIN_BYTES
+            margin = CURVE_MARGIN_BYTES if self.curve is not None else 0  # libzmq counts the wrapped frame
+            limit = -1 if self.max_frame_bytes is None else self.max_frame_bytes + margin
             sock.setsockopt(zmq.MAXMSGSIZE, limit)
             if self.curve is not None:
                 sock.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN.encode())
