@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DEMO_OUT ?= runs/demo
 
-.PHONY: demo test test-slow lint typecheck bench broker netns-tools clean setup
+.PHONY: demo test test-slow lint typecheck bench broker netns-tools deploy-tools clean setup
 
 setup: $(STAMP)
 
@@ -28,6 +28,12 @@ netns-tools:
 	@{ command -v /usr/sbin/ip && command -v /usr/sbin/tc && command -v iptables; } >/dev/null 2>&1 || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 iptables >/dev/null; }
 
+# What the deploy tests check generated files with: Debian's docker-compose (Compose v1) runs
+# `docker-compose config` on the files `demuon compose` writes (no engine needed for that).
+deploy-tools:
+	@command -v docker-compose >/dev/null 2>&1 || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null; }
+
 demo: $(STAMP)
 	$(PY) -m demuon demo --out $(DEMO_OUT)
 
@@ -40,7 +46,7 @@ typecheck: $(STAMP)
 
 # Two pytest workers: the multi-process tests mostly wait (process start, deadlines) while the
 # other worker runs unit tests. Tests marked slow run sequentially in `make test-slow`.
-test: $(STAMP) broker netns-tools lint typecheck
+test: $(STAMP) broker netns-tools deploy-tools lint typecheck
 	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist worksteal
 
 test-slow: $(STAMP) broker netns-tools
