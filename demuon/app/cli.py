@@ -106,7 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--config", type=Path, required=True, help="the cluster's TOML file (same on every peer)")
     r.add_argument("--peer", type=int, required=True, help="this peer's id, 0..peers-1")
     r.add_argument("--out", type=Path, help="output folder (default: runs/peer-<id>)")
-    r.add_argument("--resume", action="store_true", help="continue from this peer's checkpoint")
+    again = r.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue from this peer's checkpoint")
+    again.add_argument(
+        "--resume-if-present", action="store_true", help="resume when a checkpoint is there, else start fresh"
+    )
     _set(r)
     _faults(r)
     r.set_defaults(func=_lazy("run", "cmd_run"))
@@ -148,7 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", type=Path, default=Path("docker-compose.yml"), help="compose file to write")
     _set(c, "a setting of every peer")
     c.add_argument("--mqtt", action="store_true", help="add a mosquitto service and point telemetry at it")
+    c.add_argument("--image", default="demuon:latest", help="image of the peer services")
+    c.add_argument("--broker-image", default="demuon-mosquitto:latest", help="image of the mosquitto service")
     c.set_defaults(func=_lazy("compose", "cmd_compose"))
+
+    h = sub.add_parser("health", help="exit 0 if a peer's run is alive (status.json)", formatter_class=fmt)
+    h.add_argument("--out", type=Path, required=True, help="the peer's output folder (demuon run --out)")
+    h.add_argument("--max-age-s", type=float, help="oldest live status (default: the status file's own)")
+    h.set_defaults(func=_lazy("health", "cmd_health"))
 
     w = sub.add_parser("watch", help="every peer's status and metrics, from MQTT", formatter_class=fmt)
     w.add_argument(

@@ -41,6 +41,7 @@ LAYERS: dict[str, int] = {
     "demuon.node.telemetry": 5,
     "demuon.node.prometheus": 5,
     "demuon.node.checkpoint": 5,
+    "demuon.node.status": 5,
     "demuon.node.daemon": 6,
     "demuon.app": 6,
     "demuon.__main__": 6,
