@@ -154,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--mqtt", action="store_true", help="add a mosquitto service and point telemetry at it")
     c.add_argument("--image", default="demuon:latest", help="image of the peer services")
     c.add_argument("--broker-image", default="demuon-mosquitto:latest", help="image of the mosquitto service")
+    c.add_argument("--subnet", metavar="CIDR", help="IPv4 subnet of the compose network (default: Docker's)")
     c.set_defaults(func=_lazy("compose", "cmd_compose"))
 
     h = sub.add_parser("health", help="exit 0 if a peer's run is alive (status.json)", formatter_class=fmt)
