@@ -1,4 +1,4 @@
-"""Command line: ``demuon simulate | demo | run | launch | report | compose | watch | keys generate``.
+"""Command line: ``demuon simulate | demo | run | launch | report | compose | k8s | watch | keys generate``.
 
 This module only builds the parser. Each command's module is imported when that command runs, so
 ``demuon --help``, ``demuon --version`` and ``demuon keys …`` never import torch or matplotlib
@@ -156,6 +156,27 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--broker-image", default="demuon-mosquitto:latest", help="image of the mosquitto service")
     c.add_argument("--subnet", metavar="CIDR", help="IPv4 subnet of the compose network (default: Docker's)")
     c.set_defaults(func=_lazy("compose", "cmd_compose"))
+
+    ks = sub.add_parser("k8s", help="write Kubernetes manifests, one pod per peer", formatter_class=fmt)
+    ks.add_argument("--config", type=Path, required=True, help="cluster TOML file")
+    ks.add_argument("--out", type=Path, required=True, help="folder for the manifests (and keys/)")
+    _set(ks, "a setting of every peer")
+    ks.add_argument("--image", default="demuon:latest", help="image of the peer pods")
+    ks.add_argument("--broker-image", default="demuon-mosquitto:latest", help="image of the MQTT broker")
+    ks.add_argument("--namespace", default="default", help="namespace of every object (not created)")
+    ks.add_argument("--name", default="demuon", help="StatefulSet and headless Service name; pods NAME-<i>")
+    ks.add_argument("--cluster-domain", default="cluster.local", help="the cluster's DNS domain")
+    ks.add_argument("--gpu", type=int, default=0, help="nvidia.com/gpu per pod (> 0 sets device = cuda)")
+    ks.add_argument("--storage", default="1Gi", help="size of each peer's /runs volume claim")
+    ks.add_argument("--storage-class", help="storage class of the claims (default: the cluster's)")
+    ks.add_argument("--cpu", help="CPU request per pod (default: the config's threads)")
+    ks.add_argument("--memory", default="1Gi", help="memory request and limit per pod")
+    broker = ks.add_mutually_exclusive_group()
+    broker.add_argument("--mqtt", action="store_true", help="telemetry on, with a generated broker")
+    broker.add_argument(
+        "--external-broker", action="store_true", help="keep the config's telemetry.mqtt_host; no broker"
+    )
+    ks.set_defaults(func=_lazy("k8s", "cmd_k8s"))
 
     h = sub.add_parser("health", help="exit 0 if a peer's run is alive (status.json)", formatter_class=fmt)
     h.add_argument("--out", type=Path, required=True, help="the peer's output folder (demuon run --out)")
