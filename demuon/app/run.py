@@ -1,6 +1,6 @@
 """``demuon run``: one peer of a cluster as a long-running process (a composition root, layer 6).
 
-    demuon run --config cluster.toml --peer ID [--out DIR] [--resume] [--set key=value ...]
+    demuon run --config cluster.toml --peer ID [--out DIR] [--resume | --resume-if-present] [--set k=v ...]
 
 Every peer reads the same config file and derives everything else from it and its id: the graph
 (its views over the topology's period), the initial model (shared seed), its data shard (its id),
@@ -8,7 +8,10 @@ the endpoints of its neighbours. Output folder (default ``runs/peer-<id>``): ``m
 (one row per round, keys of :class:`demuon.node.rounds.RoundMetrics`), ``log.txt``, a checkpoint in
 ``checkpoint.dir`` (default ``<out>/checkpoint``), and at the end ``final.json``
 (``{"id", "final_round", "final_train_loss", "fingerprint": {"sum", "l2"}}``) and ``final.pt``
-(``{name: tensor}`` of the final parameters).
+(``{name: tensor}`` of the final parameters), and ``status.json`` rewritten at every change of
+state and after every round (:mod:`demuon.node.status`; read by ``demuon health``).
+``--resume`` requires this peer's checkpoint; ``--resume-if-present`` resumes from it when there
+is one and starts fresh otherwise (what a restarted container does).
 
 Exit codes: 0 finished or stopped cleanly (SIGTERM/SIGINT: the current round finishes and a
 checkpoint is written), 1 the run failed, 2 a bad config, peer id or checkpoint, or an endpoint
@@ -36,10 +39,17 @@ from demuon.app.peers import build_peer as build_one
 from demuon.app.peers import heir_of, leaves, peer_setup
 from demuon.config import Config, load_config, math_fingerprint
 from demuon.errors import ConfigError, TransportError
-from demuon.node.checkpoint import load_checkpoint, remove_leftover_temp_files, restore
+from demuon.node.checkpoint import (
+    checkpoint_path,
+    load_checkpoint,
+    previous_path,
+    remove_leftover_temp_files,
+    restore,
+)
 from demuon.node.daemon import Control, Daemon, DaemonSettings, DaemonStatus, RoundHook, Service
 from demuon.node.gossip import Gossip, Inbound
 from demuon.node.peer import Peer
+from demuon.node.status import max_age_s
 from demuon.transport import wire
 from demuon.transport.base import Buffer, Transport
 from demuon.transport.faults import FaultyTransport, plan_from_config
@@ -111,6 +121,9 @@ def daemon_settings(config: Config, peer_id: int | None = None) -> DaemonSetting
         inherit={r: tuple(sorted(js)) for r, js in inherit.items()},
         on_sigterm=config.network.on_sigterm,
         eval_every=config.eval_every,
+        status_max_age_s=max_age_s(
+            phase_timeout_s=config.network.phase_timeout_s, start_timeout_s=config.network.start_timeout_s
+        ),
     )
 
 
@@ -384,19 +397,35 @@ def peer_logging(out: Path, peer_id: int) -> Iterator[None]:
         root.setLevel(level)
 
 
+def has_checkpoint(checkpoint_dir: Path, peer_id: int) -> bool:
+    """A checkpoint of ``peer_id`` is in ``checkpoint_dir`` (the newest or the one before it: a
+    crash between a save's two renames leaves only the latter), good or not: ``run
+    --resume-if-present`` resumes from it, and a damaged or foreign one is an error, never a
+    silent fresh start."""
+    return any(
+        p.is_file()
+        for p in (checkpoint_path(checkpoint_dir, peer_id), previous_path(checkpoint_dir, peer_id))
+    )
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.set, faults=args.faults)
     if not 0 <= args.peer < config.peers:
         raise ConfigError("--peer", args.peer, f"must be in 0..{config.peers - 1} (peers = {config.peers})")
     out = Path(args.out) if args.out else Path("runs") / f"peer-{args.peer}"
     check_security(config, args.peer)
+    checkpoint_dir = config.checkpoint.dir or out / "checkpoint"
+    if_present = bool(getattr(args, "resume_if_present", False))  # a Namespace built without it: False
+    resume = args.resume or (if_present and has_checkpoint(checkpoint_dir, args.peer))
     blob = None
-    if args.resume:  # fail before creating anything when there is nothing to resume from
-        checkpoint_dir = config.checkpoint.dir or out / "checkpoint"
+    if resume:  # fail before creating anything when there is nothing to resume from
         blob = load_checkpoint(checkpoint_dir, args.peer, math_fingerprint(config))
     torch.set_num_threads(config.threads)
     with peer_logging(out, args.peer):
-        start = prepare(config, args.peer, out, resume=args.resume, blob=blob)
+        if if_present:
+            found = "resuming from it" if resume else "none there: starting fresh"
+            log.info("--resume-if-present: checkpoint of peer %d in %s: %s", args.peer, checkpoint_dir, found)
+        start = prepare(config, args.peer, out, resume=resume, blob=blob)
         status = uvloop.run(run_peer(config, start, out))
     if status is DaemonStatus.LONELY:
         return EXIT_LONELY

@@ -59,6 +59,7 @@ from demuon.node.checkpoint import save_checkpoint
 from demuon.node.gossip import Gossip, Inbound
 from demuon.node.peer import Peer
 from demuon.node.rounds import RoundMetrics, keyframe_due, run_round
+from demuon.node.status import status_document, write_status
 from demuon.transport.base import Transport
 
 #: Rows waiting for the ``on_round`` hook before the oldest is dropped.
@@ -142,6 +143,7 @@ class DaemonSettings:
     inherit: Mapping[int, tuple[int, ...]] = field(default_factory=dict)  # round → leavers we inherit
     on_sigterm: str = "stop"  # "stop" (checkpoint, resume later) or "leave" (hand off, for good)
     eval_every: int = 0  # validation loss of the own model every N rounds and the last (0 = never)
+    status_max_age_s: float = 120.0  # status.json: how old a live peer's status may grow (health)
 
 
 class Daemon:
@@ -202,6 +204,7 @@ class Daemon:
         self.in_neighbours = sorted({j for view in peer.views for j, _ in view.in_neighbours})
         self.heard: set[int] = set()  # neighbours any message came from (late ones too)
         self._interrupt = asyncio.Event()  # a leave asked for: ends the start-up wait, as a stop does
+        self._started = time.time()  # status.json's wall clock
 
     @property
     def status(self) -> DaemonStatus:
@@ -210,6 +213,8 @@ class Daemon:
     @status.setter
     def status(self, status: DaemonStatus) -> None:
         changed, self._status = status is not self._status, status
+        if changed:
+            self._write_status()
         if changed and self.on_status is not None:
             try:
                 self.on_status(status)
@@ -219,6 +224,31 @@ class Daemon:
     @property
     def completed(self) -> bool:
         return self.last_completed == self.settings.rounds - 1
+
+    def state_word(self) -> str:
+        """The state ``status.json`` names: the status, ``done`` or ``left`` for a planned end."""
+        if self.status is DaemonStatus.STOPPED and self.left_at is not None:
+            return "left"
+        if self.status is DaemonStatus.STOPPED and self.completed:
+            return "done"
+        return self.status.value
+
+    def _write_status(self) -> None:
+        """``out/status.json`` (demuon.node.status); a failed write is logged, never raised."""
+        doc = status_document(
+            peer=self.peer.index,
+            state=self.state_word(),
+            round=self.last_completed,
+            rounds=self.settings.rounds,
+            start_round=self.start_round,
+            resumed=self.resumed,
+            started=self._started,
+            max_age_s=self.settings.status_max_age_s,
+        )
+        try:
+            write_status(self.out, doc)
+        except OSError as exc:
+            log.warning("cannot write %s/status.json: %s", self.out, exc)
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> DaemonStatus:
@@ -357,6 +387,7 @@ class Daemon:
                     os.kill(os.getpid(), signal.SIGKILL)
                 row = (await self._round(k, skipped)).row()
                 self.last_completed = k
+                self._write_status()
                 assert self._metrics is not None
                 self._metrics.write(row)
                 self._queue_row(row)
