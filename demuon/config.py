@@ -290,12 +290,26 @@ CodecConfig = Annotated[
 ]
 
 
+PHASES: tuple[str, ...] = ("V", "X")
+
+
+class PhaseGossip(Frozen):
+    """``[gossip.v]`` / ``[gossip.x]``: the codec and γ of one phase's message (V: the trackers,
+    X: the parameters), each overriding ``[gossip]``'s ``codec`` / ``gamma`` when given."""
+
+    codec: CodecConfig | None = None
+    gamma: float | None = Field(default=None, gt=0.0, le=1.0, description="γ of this phase")
+
+
 class GossipConfig(Frozen):
-    """How messages are compressed. With ``identity`` mixing is exact (Σ_j w_ij Z_j); otherwise
-    C-DeMuon Option A (docs/algorithms.md §6) with consensus step ``gamma``."""
+    """How messages are compressed. ``codec`` and ``gamma`` apply to both phases unless
+    ``[gossip.v]`` / ``[gossip.x]`` override them. A phase with ``identity`` and γ = 1 mixes exactly
+    (Σ_j w_ij Z_j); otherwise it runs C-DeMuon Option A (docs/algorithms.md §6) with its own γ."""
 
     codec: CodecConfig = Field(default_factory=IdentityCodec)
     gamma: float = Field(default=1.0, gt=0.0, le=1.0, description="γ: CHOCO consensus step")
+    v: PhaseGossip | None = Field(default=None, description="phase V (trackers): codec / gamma overrides")
+    x: PhaseGossip | None = Field(default=None, description="phase X (parameters): codec / gamma overrides")
     keyframe_every: int = Field(
         default=50, ge=0, description="compressed only: send a full replica every N rounds (0 = never)"
     )
@@ -325,10 +339,56 @@ class GossipConfig(Frozen):
     )
     clip_window: int = Field(default=10, ge=1, description="self_centred: rounds the τ rule looks back over")
 
+    def _override(self, phase: str) -> PhaseGossip | None:
+        if phase not in PHASES:
+            raise ValueError(f"phase {phase!r} is not one of {list(PHASES)}")
+        return self.v if phase == "V" else self.x
+
+    def codec_for(self, phase: str) -> CodecConfig:
+        """The codec of ``phase``'s message ("V" or "X"): its override, else ``codec``."""
+        over = self._override(phase)
+        return over.codec if over is not None and over.codec is not None else self.codec
+
+    def gamma_for(self, phase: str) -> float:
+        """γ of ``phase``: its override, else ``gamma``."""
+        over = self._override(phase)
+        return over.gamma if over is not None and over.gamma is not None else self.gamma
+
+    def exact_for(self, phase: str) -> bool:
+        """Whether ``phase`` mixes exactly (identity codec and γ = 1)."""
+        return self.codec_for(phase).kind == "identity" and self.gamma_for(phase) == 1.0
+
+    def field_of(self, phase: str, key: Literal["codec", "gamma"]) -> str:
+        """The dotted name of the setting that gives ``phase`` its ``key`` (for error messages)."""
+        over = self._override(phase)
+        return (
+            f"gossip.{phase.lower()}.{key}"
+            if over is not None and getattr(over, key) is not None
+            else f"gossip.{key}"
+        )
+
+    @property
+    def exact(self) -> bool:
+        """Both phases mix exactly (no replicas, no keyframes)."""
+        return all(self.exact_for(ph) for ph in PHASES)
+
+    def not_exact_reason(self) -> str:
+        """Which setting makes a phase compressed (empty when both are exact)."""
+        for ph in PHASES:
+            if not self.exact_for(ph):
+                codec, gamma = self.codec_for(ph), self.gamma_for(ph)
+                if codec.kind != "identity":
+                    return f"{self.field_of(ph, 'codec')} is {codec.kind!r}"
+                return f"{self.field_of(ph, 'gamma')} is {gamma}"
+        return ""
+
     @model_validator(mode="after")
     def _clip_needs_exact_mixing(self) -> GossipConfig:
-        if self.clip != "off" and not (self.codec.kind == "identity" and self.gamma == 1.0):
-            raise ValueError("gossip.clip = self_centred needs exact mixing (identity codec, gamma = 1)")
+        if self.clip != "off" and not self.exact:
+            raise ValueError(
+                "gossip.clip = self_centred needs exact mixing in both phases (identity codec, gamma = 1); "
+                + self.not_exact_reason()
+            )
         return self
 
 
@@ -721,6 +781,9 @@ def math_fingerprint(config: Config) -> str:
     data = config.model_dump(mode="json")
     for name in RUN_LOCAL_FIELDS:
         data.pop(name, None)
+    for phase in ("v", "x"):  # absent per-phase overrides: the fingerprint configs had before them
+        if data["gossip"].get(phase) is None:
+            data["gossip"].pop(phase, None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 

@@ -12,6 +12,10 @@
      "topology": "ring", "codec": "identity", "lr": 0.02, "dtype": "float32", "n_peers": 4,
      "rounds": 20, "wall_s": 3.1, "interrupted": false, "failed": [], "averaged_peers": [0, 1, 2, 3],
      "tracking_drift": 1e-15, "faults": {"injected": 0, "missing": 0, "late": 0, ...},
+     "phases": {"V": {"codec": {"kind": "identity"}, "gamma": 1.0}, "X": {...}},
+     "bytes": {"out_total": 51200, "out_per_peer": 12800.0,
+               "per_peer": [{"id": 0, "rounds": 20, "out": 12800, "in": 12800, "out_V": 6400,
+                             "out_X": 6400}, ...]},
      "peers": [{"id": 0, "final_round": 19, "final_train_loss": 1.23,
                 "fingerprint": {"sum": -3.1, "l2": 10.2}, "status": "done", "exit_code": 0,
                 "from": "final"}, ...],
@@ -21,7 +25,11 @@
   neighbour); ``from`` names where the peer's final state was read (final, checkpoint, metrics,
   none; the simulator's is always final). ``tracking_drift`` is
   ‖mean V − mean M‖ / ‖mean M‖ at the end, tracker mass in flight counted as delivered (None
-  without a tracker, or when a peer's state is missing); ``faults`` totals the rows' counters.
+  without a tracker, or when a peer's state is missing); ``faults`` totals the rows' counters;
+  ``codec`` is the kind of both phases (``V=<kind> X=<kind>`` when they differ) and ``phases``
+  each phase's codec and γ; ``bytes`` totals per peer what it put on the wire, as the daemon
+  sends it (whole messages: header frame, payload frames, keyframes, × recipients, resends),
+  from its ``metrics.jsonl`` rows (:func:`byte_totals`).
 
 ``summary.json`` is written atomically (temp file, fsync, rename), so a crash never leaves half a
 summary; ``.jsonl`` files are appended and flushed row by row, and a torn last line is ignored
@@ -99,8 +107,11 @@ def summary(
     interrupted: bool = False,
     tracking_drift: float | None = None,
     faults: Mapping[str, int] | None = None,
+    phases: Mapping[str, Any] | None = None,
+    per_peer_rows: Mapping[int, Sequence[Mapping[str, Any]]] | None = None,
 ) -> dict[str, Any]:
-    """``summary.json`` of a run (every key is always present; see the module docstring)."""
+    """``summary.json`` of a run (every key is always present; see the module docstring).
+    ``per_peer_rows`` (the peers' ``metrics.jsonl`` rows) give the ``bytes`` totals."""
     entries = sorted((dict(p) for p in peers), key=lambda p: p["id"])
     return {
         "schema": SCHEMA,
@@ -108,6 +119,7 @@ def summary(
         "algorithm": algorithm,
         "topology": topology,
         "codec": codec,
+        "phases": dict(phases or {}),
         "lr": lr,
         "dtype": dtype,
         "n_peers": len(entries),
@@ -118,6 +130,7 @@ def summary(
         "averaged_peers": sorted(averaged_peers),
         "tracking_drift": tracking_drift,
         "faults": {key: int((faults or {}).get(key, 0)) for key in FAULT_COUNTS},
+        "bytes": byte_totals(per_peer_rows or {}),
         "peers": entries,
         "average": {"validation_loss": validation_loss},
     }
@@ -136,6 +149,28 @@ def fault_totals(per_peer: Mapping[int, Sequence[Mapping[str, Any]]]) -> dict[st
                 v = r.get(key)
                 totals[key] += len(v) if isinstance(v, list) else int(v) if isinstance(v, int | float) else 0
     return totals
+
+
+#: Per-round row byte counters that ``summary.json`` totals per peer under ``bytes``.
+BYTE_COUNTS = {"out": "bytes_out", "in": "bytes_in", "out_V": "bytes_out_V", "out_X": "bytes_out_X"}
+
+
+def byte_totals(per_peer: Mapping[int, Sequence[Mapping[str, Any]]]) -> dict[str, Any]:
+    """Bytes as the peers put them on the wire (whole messages, headers and keyframes included):
+    ``per_peer`` (one entry per peer, by id: ``out``, ``in``, ``out_V``, ``out_X`` summed over
+    its rows, and ``rounds``, how many rows), ``out_total`` and ``out_per_peer`` (the mean)."""
+    entries = []
+    for peer, rows in sorted(per_peer.items()):
+        entry: dict[str, Any] = {"id": peer, "rounds": len(rows)}
+        for key, column in BYTE_COUNTS.items():
+            entry[key] = sum(int(v) for r in rows if isinstance(v := r.get(column), int | float))
+        entries.append(entry)
+    total = sum(e["out"] for e in entries)
+    return {
+        "out_total": total,
+        "out_per_peer": total / len(entries) if entries else 0.0,
+        "per_peer": entries,
+    }
 
 
 def write_summary(directory: Path, data: Mapping[str, Any]) -> Path:

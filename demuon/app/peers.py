@@ -41,12 +41,12 @@ def leaves(config: Config) -> dict[int, int]:
     plan = {f.id: f.leave_at for f in config.faults.peer if f.leave_at is not None}
     if not plan:
         return {}
-    exact = config.gossip.codec.kind == "identity" and config.gossip.gamma == 1.0
-    if not exact or period(config.topology, config.peers) != 1:
+    if not config.gossip.exact or period(config.topology, config.peers) != 1:
+        why = config.gossip.not_exact_reason() or "the topology varies with the round"
         raise ConfigError(
             "faults.peer.leave_at",
             sorted(plan.values()),
-            "announced leaves need the identity codec and a static graph",
+            f"announced leaves need the identity codec in both phases and a static graph ({why})",
         )
     if len(plan) >= config.peers:
         raise ConfigError("faults.peer.leave_at", sorted(plan), "at least one peer must stay")

@@ -326,6 +326,81 @@ def plot_runs(
     return save(figure_runs(runs, title, algorithms=algorithms), path)
 
 
+def bytes_axis(rows: Rows) -> list[float | None]:
+    """For each ``run_series`` row, the MB each peer has sent up to and including that round (the
+    running sum of each round's ``bytes_out`` over the peers that reported it); None where no
+    peer reported the round yet."""
+    out: list[float | None] = []
+    total = 0.0
+    seen = False
+    for r in rows:
+        sent, reporting = _num(r.get("bytes_out")), _num(r.get("reporting"))
+        if sent is not None and reporting:
+            total += sent / reporting
+            seen = True
+        out.append(total / MB if seen else None)
+    return out
+
+
+def figure_loss_vs_bytes(
+    runs: Mapping[str, Rows], title: str, *, algorithms: Mapping[str, str] | None = None
+) -> Figure:
+    """Loss against the bytes each peer has sent (as the daemon sends them: headers and keyframes
+    included), each run (``run_series`` rows, by name) in its algorithm's colour: the train loss
+    (mean over peers) and the validation loss (the averaged model where measured, else the mean of
+    the peers' own models). Compressed runs are compared here at an equal byte budget."""
+    algorithms = algorithms or {}
+    colours = {name: colour_of(name, algorithms.get(name), i) for i, name in enumerate(runs)}
+    fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(12, 4.8))
+    drawn_train: list[float] = []
+    drawn_val: list[float] = []
+    xs_all: list[float] = []
+    for name, rows in runs.items():
+        mb = bytes_axis(rows)
+        for ax, keys, drawn, style in (
+            (ax_train, ("train_loss",), drawn_train, {"linewidth": 1.6}),
+            (ax_val, ("val_loss", "peer_val_loss"), drawn_val, {"marker": "o", "markersize": 4}),
+        ):
+            key = next((k for k in keys if any(_num(r.get(k)) is not None for r in rows)), None)
+            if key is None:
+                continue
+            pts = [
+                (x, y)
+                for x, r in zip(mb, rows, strict=True)
+                if x is not None and (y := _num(r.get(key))) is not None
+            ]
+            if pts:
+                label = name if len(runs) > 1 else {"val_loss": "averaged model"}.get(key, "mean over peers")
+                ax.plot([x for x, _ in pts], [y for _, y in pts], color=colours[name], label=label, **style)
+                drawn += [y for _, y in pts]
+                xs_all += [x for x, _ in pts]
+    ax_train.set_title("train loss against bytes sent", fontsize=10)
+    ax_val.set_title("validation loss against bytes sent", fontsize=10)
+    _value_axis(ax_train, "train loss, mean over peers", drawn_train)
+    _value_axis(ax_val, "validation loss", drawn_val)
+    for ax, drawn in ((ax_train, drawn_train), (ax_val, drawn_val)):
+        if not drawn:
+            _empty(ax, "not measured in this run")
+        ax.set_xlabel(
+            "sent per peer so far (MB, wire headers and keyframes included)"
+            + (", log" if wants_log(xs_all) else "")
+        )
+        if wants_log(xs_all):
+            ax.set_xscale("log", nonpositive="mask")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.suptitle(title)
+    return fig
+
+
+def plot_loss_vs_bytes(
+    runs: Mapping[str, Rows], path: Path, title: str, *, algorithms: Mapping[str, str] | None = None
+) -> Path:
+    """:func:`figure_loss_vs_bytes` written to ``path``."""
+    return save(figure_loss_vs_bytes(runs, title, algorithms=algorithms), path)
+
+
 def peer_band(
     per_peer: Mapping[int, Rows], key: str, *, cumulative: bool = False, scale: float = 1.0
 ) -> tuple[dict[int, tuple[list[float], list[float]]], list[dict[str, Any]]]:

@@ -8,10 +8,12 @@ below) and, in ``DIR``, :data:`RUN_PLOTS`: ``plot.png`` (train loss with its min
 peers and the rounds where messages went missing or neighbours were down, validation loss of the
 averaged model and of the peers' own models, consensus error or the mean local disagreement, MB
 per round), ``loss.png`` (train loss: mean over peers, band, each peer thin, the same events),
-``disagreement.png`` (local disagreement), ``bytes.png`` (MB sent so far and MB/s per peer) and
+``disagreement.png`` (local disagreement), ``bytes.png`` (MB sent so far and MB/s per peer),
+``loss_bytes.png`` (train and validation loss against the MB each peer has sent) and
 ``time.png`` (seconds per round, waits and gradient). Every plot draws the run in its algorithm's
 colour (:data:`demuon.app.plots.ALGORITHM_COLOURS`). A folder of several runs (``demuon simulate
---algorithms a,b``) gets each run's report, a table with a row per run, and a ``plot.png`` of all.
+--algorithms a,b``) gets each run's report, a table with a row per run, and a ``plot.png`` and a
+``loss_bytes.png`` of all.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from rich.table import Table
 
 from demuon import results
 
-RUN_PLOTS = ("plot.png", "loss.png", "disagreement.png", "bytes.png", "time.png")
+RUN_PLOTS = ("plot.png", "loss.png", "disagreement.png", "bytes.png", "loss_bytes.png", "time.png")
 
 Rows = Sequence[Mapping[str, Any]]
 
@@ -100,7 +102,16 @@ def run_table(
     """One row per run: η, rounds, final train loss, validation loss of the averaged model,
     consensus error (simulator runs), MB sent by all peers (``demuon simulate`` prints it too)."""
     table = Table(title=title)
-    columns = ("run", "η", "rounds", "final train loss", "val loss (average model)", "consensus error", "MB")
+    columns = (
+        "run",
+        "η",
+        "rounds",
+        "final train loss",
+        "val loss (average model)",
+        "consensus error",
+        "MB",
+        "MB / peer",
+    )
     for col in columns:
         table.add_column(col, justify="right")
     for name, (rows, summary) in runs.items():
@@ -114,8 +125,19 @@ def run_table(
             _f(_num((summary.get("average") or {}).get("validation_loss"))),
             _f(_num(last.get("consensus_error")), ".3g"),
             f"{_total(rows, 'bytes_out') / 1e6:.2f}",
+            _f(_mb_per_peer(rows, summary), ".2f"),
         )
     return table
+
+
+def _mb_per_peer(rows: Rows, summary: Mapping[str, Any]) -> float | None:
+    """MB each peer sent, on average: the summary's ``bytes`` (as the peers sent them), else the
+    series' total over the most peers that reported a round."""
+    per_peer = _num((summary.get("bytes") or {}).get("out_per_peer"))
+    if per_peer is not None:
+        return per_peer / 1e6
+    peers = max((int(r.get("reporting") or 0) for r in rows), default=0)
+    return _total(rows, "bytes_out") / 1e6 / peers if peers else None
 
 
 def report_run(directory: Path, console: Console) -> tuple[list[Path], list[dict[str, Any]]]:
@@ -163,6 +185,12 @@ def report_run(directory: Path, console: Console) -> tuple[list[Path], list[dict
             algorithm=algorithm,
         ),
         plots.save(plots.figure_traffic(per_peer, title=title, algorithm=algorithm), directory / "bytes.png"),
+        plots.plot_loss_vs_bytes(
+            {directory.name: series},
+            directory / "loss_bytes.png",
+            f"loss against bytes sent – {title}",
+            algorithms={directory.name: algorithm} if algorithm else None,
+        ),
         plots.save(
             plots.figure_timing(per_peer, title=f"time per round – {title}", algorithm=algorithm),
             directory / "time.png",
@@ -206,6 +234,14 @@ def cmd_report(args: argparse.Namespace) -> int:
         written.append(
             plots.plot_runs(
                 series_only, directory / "plot.png", f"runs in {directory.name}", algorithms=algorithms
+            )
+        )
+        written.append(
+            plots.plot_loss_vs_bytes(
+                series_only,
+                directory / "loss_bytes.png",
+                f"loss against bytes sent – runs in {directory.name}",
+                algorithms=algorithms,
             )
         )
     err.print("wrote " + ", ".join(str(p) for p in written))

@@ -182,6 +182,7 @@ def run(config: Config, *, out: Path | None = None, progress: ProgressHook | Non
         wall_s=time.perf_counter() - start,
         tracking_drift=tracking_drift([TrackerState.of(p, config.rounds - 1) for p in stay]),
         faults=results.fault_totals(res.per_peer),
+        per_peer_rows=res.per_peer,
     )
     if out:
         results.write_summary(out, res.summary)

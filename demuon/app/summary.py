@@ -18,8 +18,14 @@ from typing import Any
 from rich.console import Console
 
 from demuon import results
-from demuon.config import Config, math_fingerprint
+from demuon.config import PHASES, Config, math_fingerprint
 from demuon.errors import WorkloadError
+
+
+def codec_label(config: Config) -> str:
+    """The codec kind of both phases, or ``V=<kind> X=<kind>`` when they differ."""
+    v, x = (config.gossip.codec_for(ph).kind for ph in PHASES)
+    return v if v == x else f"V={v} X={x}"
 
 
 def config_fields(config: Config) -> dict[str, Any]:
@@ -27,7 +33,14 @@ def config_fields(config: Config) -> dict[str, Any]:
     return {
         "algorithm": config.algorithm.name,
         "topology": config.topology.name,
-        "codec": config.gossip.codec.kind,
+        "codec": codec_label(config),
+        "phases": {
+            ph: {
+                "codec": config.gossip.codec_for(ph).model_dump(mode="json"),
+                "gamma": config.gossip.gamma_for(ph),
+            }
+            for ph in PHASES
+        },
         "lr": config.algorithm.lr,
         "dtype": config.dtype,
         "rounds": config.rounds,
@@ -112,6 +125,7 @@ def launch_summary(
     """The shared summary (``source="launch"``) of a launch folder. ``statuses`` overrides
     per-peer fields (``status``, ``exit_code``) from whoever watched the processes."""
     entries, states = [], {}
+    rows = results.read_per_peer(directory)
     for i in range(config.peers):
         entry, state = peer_final(config, directory, i)
         entries.append({**entry, **(statuses or {}).get(i, {})})
@@ -133,7 +147,8 @@ def launch_summary(
         tracking_drift=checkpointed_drift(
             config, directory, left={e["id"] for e in entries if e["status"] == "left"}
         ),
-        faults=results.fault_totals(results.read_per_peer(directory)),
+        faults=results.fault_totals(rows),
+        per_peer_rows=rows,
     )
 
 
@@ -169,7 +184,7 @@ def checkpointed_drift(config: Config, directory: Path, left: Collection[int] = 
                 last.in_neighbours,
                 s.get("R_self", {}).get("V", {}),
                 copies,
-                config.gossip.gamma,
+                config.gossip.gamma_for("V"),
                 {int(j): b for j, b in s.get("B", {}).items()},
             )
         )

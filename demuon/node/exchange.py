@@ -69,7 +69,7 @@ class Posted:
 
 def message_size(peer: Peer, k: int, phase: str, encoded: Mapping[str, Encoded], keyframe: bool) -> int:
     """Bytes of the wire message peer ``peer`` sends for ``(k, phase)`` (header included)."""
-    codec = "identity" if keyframe else peer.codec.kind
+    codec = peer.wire_codec(phase, keyframe)
     frames = wire.encode(
         sender=peer.index, round=k, phase=phase, codec=codec, tensors=encoded, keyframe=keyframe
     )
@@ -106,7 +106,8 @@ class ExactExchange:
         if index in box:
             raise RuntimeError(f"peer {index} posted ({k}, {phase}) twice")
         size = message_size(peer, k, phase, encoded, keyframe)
-        fates = {t: self._fate(index, t, k, phase) for t in peer.recipients(k)}
+        recipients = peer.recipients(k, phase)
+        fates = {t: self._fate(index, t, k, phase) for t in recipients}
         decoded = peer.decode(encoded, phase, keyframe=keyframe)
         if self.poison is not None and self.poison.sender == index and phase in self.poison.phases:
             decoded = self.poison.apply(decoded)
@@ -115,7 +116,7 @@ class ExactExchange:
         if len(box) == len(self.peers):
             complete.set()
         await complete.wait()
-        expected = peer.expected_senders(k)
+        expected = peer.expected_senders(k, phase)
         counts: Counter[str] = Counter()
         fates = {j: box[j].fates.get(index) for j in expected}  # what happened to each sender's message
         got = {j: box[j] for j, rule in fates.items() if rule is None or rule.action == "duplicate"}
@@ -135,7 +136,7 @@ class ExactExchange:
             received=tuple(sorted(got)),
             missing=tuple(j for j in expected if j not in got),
             down=(),
-            bytes_out=size * len(peer.recipients(k)),
+            bytes_out=size * len(recipients),
             bytes_in=sum(p.nbytes for p in got.values()),
             resends=0,
             counts=counts,

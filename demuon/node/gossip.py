@@ -222,7 +222,9 @@ class Gossip:
         self._rounds = rounds
         self._shapes = {n: tuple(p.shape) for n, p in peer.params.items()}
         self._keyframe_shapes, self._keyframe_dtypes = peer.keyframe_tensors()
-        self._codecs = {"identity": make_codec(IdentityCodec()), peer.codec.kind: peer.codec}
+        self._codecs = {"identity": make_codec(IdentityCodec())}  # hand-offs
+        # each phase accepts its own codec only (and identity, for keyframes)
+        self._phase_codecs = {ph: {**self._codecs, c.kind: c} for ph, c in peer.codecs.items()}
         # what any valid message of this run can take: fixed by its tensors, checked before parsing
         self.max_header_bytes = wire.header_bound(self._keyframe_shapes)  # frame 0
         self.max_frame_bytes = max(self.max_header_bytes, wire.frame_bound(self._keyframe_shapes))
@@ -249,6 +251,7 @@ class Gossip:
             # where its neighbours are (Mailbox.latest) although the mailbox keeps only the window
             max_round=max(k + AHEAD_WINDOW, self._rounds - 1),
             codecs=self._codecs,
+            phase_codecs=self._phase_codecs,
             require_finite=True,
             max_message_bytes=self._max_message_bytes,
             max_header_bytes=self.max_header_bytes,
@@ -424,17 +427,17 @@ class Gossip:
     ) -> Delivery:
         """Send this phase's message, wait for the neighbours' (see the module docstring).
         Returns the decoded tensors by sender, the senders whose message is a keyframe, and stats."""
-        codec = "identity" if keyframe else self.peer.codec.kind
+        codec = self.peer.wire_codec(phase, keyframe)
         frames: Sequence[Buffer] = list(
             wire.encode(
                 sender=self.peer.index, round=k, phase=phase, codec=codec, tensors=encoded, keyframe=keyframe
             )
         )
-        targets = tuple(self.peer.recipients(k))
+        targets = tuple(self.peer.recipients(k, phase))
         bytes_out = await self._send(targets, frames)
         self._sent.append((targets, frames))
 
-        expected = tuple(self.peer.expected_senders(k))
+        expected = tuple(self.peer.expected_senders(k, phase))
         waiting = [j for j in expected if j not in self.liveness.down and j not in self.departed]
         if expected and not waiting and not set(expected) <= self.departed:
             # Every neighbour is down: most likely our own link is. Going on alone would race

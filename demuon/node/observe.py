@@ -59,7 +59,7 @@ class TrackerState:
             peer.view(k).in_neighbours,
             peer.R_self.get("V", {}),
             peer.R.get("V", {}),
-            peer.gamma,
+            peer.gammas.get("V", 1.0),
             peer.B,
         )
 

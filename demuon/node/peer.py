@@ -12,7 +12,8 @@ The simulator and the daemon drive the same object through the one round driver,
 A peer is given the config sections it uses (``AlgorithmConfig``, ``GossipConfig``) and a
 :class:`PeerSetup` with the run's shape and a resolved device and dtype, never the root config.
 
-Mixing (docs/algorithms.md §2.1, §6), per tensor, for the phase's pre-mix value Z (U or Y):
+Mixing (docs/algorithms.md §2.1, §6), per tensor, for the phase's pre-mix value Z (U or Y), with
+the phase's own codec and γ (``gossip.v`` / ``gossip.x``, else ``gossip.codec`` / ``gossip.gamma``):
 
 * identity codec and γ = 1: exact mixing ``Z_i ← w_ii Z_i + Σ_j w_ij Z_j``, summed self first,
   then in-neighbours by increasing id, so every run of the same inputs is bitwise identical;
@@ -173,14 +174,19 @@ class Peer:
         self.mvr = algorithm.momentum_form == "mvr"
         self.X_prev: TensorDict | None = None  # X^{k−1}, where the last gradient was taken (MVR)
         self.G_tilde: TensorDict = {}  # ∇f(X^{k−1}; ξ^k) of this round (MVR; 0 at the first round)
-        self.codec: Codec = make_codec(gossip.codec)
+        # Each phase has its own codec and γ (gossip.v / gossip.x override gossip.codec / gamma);
+        # a phase with identity and γ = 1 mixes exactly, any other runs on replicas.
+        self.codecs: dict[str, Codec] = {ph: make_codec(gossip.codec_for(ph)) for ph in self.phases}
+        self.gammas: dict[str, float] = {ph: gossip.gamma_for(ph) for ph in self.phases}
+        self.exact_phase: dict[str, bool] = {ph: gossip.exact_for(ph) for ph in self.phases}
         self.keyframe_codec: Codec = make_codec(IdentityCodec())  # full replicas travel uncompressed
-        self.gamma = gossip.gamma
-        self.exact = gossip.codec.kind == "identity" and self.gamma == 1.0
-        # Running-sum tracker messages (docs/algorithms.md §8): exact mode, a tracking method and a
+        # Running-sum tracker messages (docs/algorithms.md §8): phase V exact, a tracking method and a
         # static graph (with a time-varying one a sum would carry rounds not meant for a receiver).
         self.running_sums = (
-            self.exact and self.rule.tracking and gossip.tracker == "running_sum" and len(self.views) == 1
+            self.exact_phase.get("V", False)
+            and self.rule.tracking
+            and gossip.tracker == "running_sum"
+            and len(self.views) == 1
         )
         self.round = 0
         self.last_loss = float("nan")
@@ -208,13 +214,15 @@ class Peer:
         self.B: dict[int, TensorDict] = {}
         # Compressed mode: R = Σ_t Ẑ^t of our own replica and of our copy of each in-neighbour's
         # (float64); a keyframe carries the sender's R so a receiver repairs the mass it missed.
+        # Kept for the compressed phases only.
         self.replica_sums = not self.exact and gossip.tracker == "running_sum" and len(self.views) == 1
         sums = {j: self._zeros(SUM_DTYPE) for j in senders} if self.replica_sums else {}
+        compressed = [ph for ph in self.phases if not self.exact_phase[ph]]
         self.R_self: dict[str, TensorDict] = (
-            {ph: self._zeros(SUM_DTYPE) for ph in self.phases} if self.replica_sums else {}
+            {ph: self._zeros(SUM_DTYPE) for ph in compressed} if self.replica_sums else {}
         )
         self.R: dict[str, dict[int, TensorDict]] = {
-            ph: {j: dict(t) for j, t in sums.items()} for ph in self.phases
+            ph: {j: dict(t) for j, t in sums.items()} for ph in compressed
         }
         # Self-centred clipping (docs/algorithms.md §8.1): this peer's own scale per phase, newest
         # last (‖Y − X‖ in phase X, ‖M‖ in phase V), the last clip_window of them; τ is
@@ -227,6 +235,30 @@ class Peer:
         self._clipped_now: tuple[int, ...] = ()
 
     # ------------------------------------------------------------------ helpers
+    @property
+    def exact(self) -> bool:
+        """Every phase of this peer mixes exactly (then no replicas and no keyframes)."""
+        return all(self.exact_phase.values())
+
+    @property
+    def codec(self) -> Codec:
+        """The codec of the peer's first phase (the one codec when both phases share it)."""
+        return self.codecs[self.phases[0]]
+
+    @property
+    def gamma(self) -> float:
+        """γ of the peer's first phase (the one γ when both phases share it)."""
+        return self.gammas[self.phases[0]]
+
+    def sends_keyframe(self, phase: str, keyframe: bool) -> bool:
+        """Whether this round's message of ``phase`` is a full replica: a keyframe round, and a
+        compressed phase (an exact phase has no replicas to resynchronise)."""
+        return keyframe and not self.exact_phase[phase]
+
+    def wire_codec(self, phase: str, keyframe: bool = False) -> str:
+        """The codec kind the wire header of ``phase``'s message names (``identity`` for keyframes)."""
+        return self.keyframe_codec.kind if keyframe else self.codecs[phase].kind
+
     def _zeros(self, dtype: torch.dtype | None = None) -> TensorDict:
         return {
             n: torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
@@ -269,17 +301,19 @@ class Peer:
         return optim.learning_rate(a.schedule, a.lr, k, self.setup.rounds)
 
     # ------------------------------------------------------------ who talks to whom
-    def recipients(self, k: int) -> tuple[int, ...]:
-        """Out-neighbours for round k. With compression, every peer that ever mixes our replica
-        gets every update (the union over the topology's period), so replicas never diverge."""
-        if self.exact:
+    def recipients(self, k: int, phase: str | None = None) -> tuple[int, ...]:
+        """Out-neighbours of ``phase``'s message in round k (``None``: of any phase). With
+        compression, every peer that ever mixes our replica gets every update (the union over the
+        topology's period), so replicas never diverge."""
+        if self.exact if phase is None else self.exact_phase[phase]:
             return self.view(k).out_neighbours
         return tuple(sorted({j for v in self.views for j in v.out_neighbours}))
 
-    def expected_senders(self, k: int) -> tuple[int, ...]:
-        if self.exact:
+    def expected_senders(self, k: int, phase: str | None = None) -> tuple[int, ...]:
+        """Whose ``phase`` message this peer uses in round k (``None``: of any phase)."""
+        if self.exact if phase is None else self.exact_phase[phase]:
             return tuple(j for j, _ in self.view(k).in_neighbours)
-        return tuple(sorted(self.hat[self.phases[0]]))
+        return tuple(sorted(self.hat[phase or self.phases[0]]))
 
     # ------------------------------------------------------------------ the round
     def gradient(self, k: int) -> float:
@@ -338,22 +372,24 @@ class Peer:
         """Form this phase's pre-mix value and encode what goes on the wire (once, for all).
 
         Exact mode: the value itself, or in phase V with running sums ``S += U`` and S itself.
-        Compressed: ``q = C(Z − Ẑ_self)``, and ``Ẑ_self += decode(q)``. ``keyframe=True``
-        (compressed only) sends the full updated replica ``Ẑ_self`` instead."""
+        Compressed: ``q = C(Z − Ẑ_self)``, and ``Ẑ_self += decode(q)``, with the phase's codec.
+        ``keyframe=True`` (compressed phases only; see :meth:`sends_keyframe`) sends the full
+        updated replica ``Ẑ_self`` instead."""
         Z = self._pre_mix(phase, k)
         self._pending[phase] = Z
         if self.clip:
             self._record_own_update(phase, Z)
-        if self.exact and phase == "V" and self.running_sums:
+        codec = self.codecs[phase]
+        if self.exact_phase[phase] and phase == "V" and self.running_sums:
             self.S = {n: self.S[n] + z.to(SUM_DTYPE) for n, z in Z.items()}
-            return {n: self.codec.encode(s, seed=0) for n, s in self.S.items()}
-        if self.exact:
-            return {n: self.codec.encode(z.contiguous(), seed=0) for n, z in Z.items()}
+            return {n: codec.encode(s, seed=0) for n, s in self.S.items()}
+        if self.exact_phase[phase]:
+            return {n: codec.encode(z.contiguous(), seed=0) for n, z in Z.items()}
         hat = self.hat_self[phase]
         out: dict[str, Encoded] = {}
         for t, (n, z) in enumerate(Z.items()):
-            enc = self.codec.encode(z - hat[n], seed=codec_seed(self.setup.seed, self.index, k, phase, t))
-            hat[n] = hat[n] + self.codec.decode(enc, tuple(z.shape), z.dtype).to(self.device)
+            enc = codec.encode(z - hat[n], seed=codec_seed(self.setup.seed, self.index, k, phase, t))
+            hat[n] = hat[n] + codec.decode(enc, tuple(z.shape), z.dtype).to(self.device)
             out[n] = enc
         if self.replica_sums:
             R = self.R_self[phase]
@@ -399,7 +435,7 @@ class Peer:
     def decode(self, enc: Mapping[str, Encoded], phase: str, *, keyframe: bool = False) -> TensorDict:
         """Decode a peer's encoded message of ``phase`` as a receiver does (keyframes are
         identity-coded)."""
-        codec = self.keyframe_codec if keyframe else self.codec
+        codec = self.keyframe_codec if keyframe else self.codecs[phase]
         dtype = self.wire_dtype(phase)
         out = {}
         for n, e in enc.items():
@@ -429,9 +465,9 @@ class Peer:
         view = self.view(k)
         tau = self.tau(phase) if self.clip else None
         self._clipped_now = ()
-        if self.exact and phase == "V" and self.running_sums:
+        if self.exact_phase[phase] and phase == "V" and self.running_sums:
             new, missing = self._mix_sums(view, k, Z, received, tau)
-        elif self.exact:
+        elif self.exact_phase[phase]:
             new, missing = self._mix_exact(view, Z, received, tau)
         else:
             new, missing = self._mix_replicas(phase, view, Z, received, keyframes)
@@ -557,7 +593,7 @@ class Peer:
         out: TensorDict = {}
         for n, z in Z.items():
             S = optim.mix([(w_self, own[n])] + [(w, hats[j][n]) for j, w in usable])
-            out[n] = optim.choco_mix(z, S, own[n], self.gamma)
+            out[n] = optim.choco_mix(z, S, own[n], self.gammas[phase])
         return out, missing
 
     def _mix_replica_sums(
@@ -592,13 +628,14 @@ class Peer:
                 self.stale.discard((phase, j))
         missing = tuple(j for j, _ in view.in_neighbours if j not in received)
         own = self.hat_self[phase]
+        gamma = self.gammas[phase]
         out: TensorDict = {}
         for n, z in Z.items():
             S = optim.mix([(view.self_weight, own[n])] + [(w, hats[j][n]) for j, w in view.in_neighbours])
-            new = optim.choco_mix(z, S, own[n], self.gamma)
+            new = optim.choco_mix(z, S, own[n], gamma)
             for j, w in view.in_neighbours:
                 if j in repair:
-                    new = new + (self.gamma * w * repair[j][n]).to(self.dtype)
+                    new = new + (gamma * w * repair[j][n]).to(self.dtype)
             out[n] = new
         return out, missing
 

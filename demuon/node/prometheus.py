@@ -117,7 +117,7 @@ ROW_SERIES = frozenset(
         "val_loss",
     }
 )
-NOT_EXPORTED = frozenset({"peer", "sum_V", "sum_M"})
+NOT_EXPORTED = frozenset({"peer", "sum_V", "sum_M", "bytes_out_V", "bytes_out_X"})  # per phase: in bytes_out
 DROP_REASONS = {"stale_dropped": "stale", "duplicates": "duplicate", "ahead_dropped": "ahead"}
 PARTS = {
     "t_compute": "compute",

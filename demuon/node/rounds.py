@@ -110,7 +110,7 @@ class RoundMetrics:
     ahead_dropped: int  # too far ahead
     rejected: int  # messages the wire refused (malformed, corrupted, unknown sender, ...)
     injected: int  # faults a fault plan injected into this peer's outgoing messages
-    keyframe: bool  # this round's messages were full replicas
+    keyframe: bool  # this round's messages of the compressed phases were full replicas
     resends: int
     skipped: int  # rounds jumped over to catch up before this one
     t_compute: float  # seconds: gradient
@@ -126,6 +126,8 @@ class RoundMetrics:
     # this peer's own model after the round on the workload's held-out data, every eval_every
     # rounds and at the last (:func:`eval_due`), else None
     val_loss: float | None = None
+    bytes_out_V: int = 0  # bytes_out of phase V (0 without one)
+    bytes_out_X: int = 0  # bytes_out of phase X
 
     def row(self) -> dict[str, Any]:
         out = {key: getattr(self, key) for key in ROW_KEYS}  # shallow: every field is a plain value
@@ -197,10 +199,11 @@ async def run_round(
     disagreement: float | None = None
     stats: list[ExchangeStats] = []
     for phase in peer.phases:
+        full = peer.sends_keyframe(phase, keyframe)  # an exact phase has no replica to send
         t = time.perf_counter()
-        encoded = await compute(peer.message, phase, k, keyframe=keyframe)
+        encoded = await compute(peer.message, phase, k, keyframe=full)
         t_encode += time.perf_counter() - t
-        delivery = await exchange.exchange(k, phase, encoded, keyframe=keyframe)
+        delivery = await exchange.exchange(k, phase, encoded, keyframe=full)
         stats.append(delivery.stats)
         t = time.perf_counter()
         _, d = await compute(mix_and_measure, peer, phase, k, delivery)
@@ -217,6 +220,8 @@ async def run_round(
         lr=peer.lr(k),
         bytes_out=sum(s.bytes_out for s in stats),
         bytes_in=sum(s.bytes_in for s in stats),
+        bytes_out_V=sum(s.bytes_out for s in stats if s.phase == "V"),
+        bytes_out_X=sum(s.bytes_out for s in stats if s.phase == "X"),
         received=sum(len(s.received) for s in stats),
         missing=tuple(sorted({j for s in stats for j in s.missing})),
         down=stats[-1].down,

@@ -132,8 +132,8 @@ Frame = bytes | memoryview  # what encode returns; decode accepts any C-contiguo
 @dataclass(frozen=True)
 class DecodeContext:
     """What a receiver accepts. ``shapes`` maps every expected tensor name to its shape (all must
-    be present exactly once); ``codecs`` maps codec kind → codec (keyframes are always decoded
-    with the identity codec)."""
+    be present exactly once); ``codecs`` maps codec kind → codec, ``phase_codecs`` the same per
+    phase where phases differ (keyframes are always decoded with the identity codec)."""
 
     senders: Collection[int]
     shapes: Mapping[str, Shape]
@@ -143,6 +143,8 @@ class DecodeContext:
     keyframe_shapes: Mapping[str, Shape] | None = None
     keyframe_dtypes: Mapping[str, torch.dtype] = field(default_factory=dict)
     codecs: Mapping[str, Codec] = field(default_factory=lambda: {"identity": Identity()})
+    # per-phase codecs (each phase may have its own; a phase not named here accepts ``codecs``)
+    phase_codecs: Mapping[str, Mapping[str, Codec]] = field(default_factory=dict)
     phases: Collection[str] = frozenset({"V", "X"})
     min_round: int = 0
     max_round: int = MAX_ROUND
@@ -360,9 +362,10 @@ def _codec(header: dict[str, Any], ctx: DecodeContext) -> Codec:
         raise UnknownPhase(f"phase {phase!r}", expected=sorted(ctx.phases), actual=phase)
     if keyframe and name != Identity.kind:
         raise BadHeader(f"keyframe with codec {name!r} (keyframes use identity)", actual=name)
-    codec = ctx.codecs.get(name, Identity()) if keyframe else ctx.codecs.get(name)
+    codecs = ctx.phase_codecs.get(phase, ctx.codecs)
+    codec = codecs.get(name, Identity()) if keyframe else codecs.get(name)
     if codec is None:
-        raise UnknownCodec(f"codec {name!r}", expected=sorted(ctx.codecs), actual=name)
+        raise UnknownCodec(f"codec {name!r} in phase {phase}", expected=sorted(codecs), actual=name)
     return codec
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from demuon.app import cli, simulate
+from demuon.app.summary import launch_summary
 from demuon.config import load_config
 from demuon.node.daemon import DaemonStatus, RoundHook
 from tests.support.cluster import CONFIGS, assert_same_as_simulator, cluster, inproc_daemons
@@ -91,6 +92,37 @@ async def test_with_top_k_compression_the_daemons_keep_mean_v_equal_to_mean_m_at
         assert all(torch.equal(final[n], ref.params[n].detach()) for n in ref.names), folder
     for i in rows:  # and the simulator counts the same bytes, keyframes included
         assert [r["bytes_out"] for r in rows[i]] == [r["bytes_out"] for r in reference.per_peer[i]]
+
+
+async def test_with_a_codec_per_phase_the_daemons_equal_the_simulator_and_send_its_bytes(
+    tmp_path: Path,
+) -> None:
+    """V int8, X 4-bit blocks, a keyframe every 3 rounds: the daemons end with the simulator's
+    parameters bitwise, and every peer sends the bytes the simulator counts, round by round and per
+    phase (headers and keyframes included), so both summaries report the same bytes per peer."""
+    sets = (
+        "gossip.v.codec={kind='int8'}",
+        "gossip.x.codec={kind='blockq', bits=4}",
+        "gossip.keyframe_every=3",
+    )
+    config = load_config(CONFIGS / "oracle-ring4.toml", list(sets))
+    rows: dict[int, list[dict[str, object]]] = {i: [] for i in range(config.peers)}
+    hooks: dict[int, RoundHook] = {i: functools.partial(record, rows[i]) for i in rows}
+    folders = await run_all("oracle-ring4.toml", tmp_path, *sets, hooks=hooks)
+    reference = simulate.run(config)
+    for folder, ref in zip(folders, reference.peers, strict=True):
+        final = torch.load(folder / "final.pt", weights_only=True)
+        assert all(torch.equal(final[n], ref.params[n].detach()) for n in ref.names), folder
+    keys = ("bytes_out", "bytes_out_V", "bytes_out_X", "bytes_in", "keyframe")
+    for i in rows:
+        assert [[r[k] for k in keys] for r in rows[i]] == [
+            [r[k] for k in keys] for r in reference.per_peer[i]
+        ]
+        assert sum(r["keyframe"] is True for r in rows[i]) == len(range(3, config.rounds, 3))
+    launched = launch_summary(config, tmp_path)
+    assert launched["bytes"] == reference.summary["bytes"]
+    assert launched["phases"] == reference.summary["phases"] and launched["codec"] == "V=int8 X=blockq"
+    assert all(p["out_V"] > 0 and p["out_X"] > 0 for p in launched["bytes"]["per_peer"])
 
 
 @pytest.mark.slow  # launch is secure by default: test_launch's oracle test covers a CURVE cluster

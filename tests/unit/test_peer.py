@@ -78,7 +78,7 @@ def test_identity_codec_with_replicas_reproduces_exact_demuon() -> None:
     peers_exact = build(exact)
     peers_choco = build(exact)
     for p in peers_choco:
-        p.exact = False  # force the replica path with the identity codec and γ = 1
+        p.exact_phase = dict.fromkeys(p.phases, False)  # force the replica path with identity, γ = 1
     for k in range(exact.rounds):
         for a, b in zip(peers_exact, peers_choco, strict=True):
             a.gradient(k)

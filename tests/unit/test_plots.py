@@ -308,3 +308,24 @@ async def test_daemons_and_the_simulator_write_the_same_val_loss_and_evaluating_
         final = torch.load(tmp_path / f"peer-{i}" / "final.pt", weights_only=True)
         assert all(torch.equal(final[n], ref.params[n].detach()) for n in ref.names)
     assert quiet.per_peer[0][-1]["val_loss"] == sim.per_peer[0][-1]["val_loss"]
+
+
+def test_the_loss_against_bytes_figure_puts_each_peers_bytes_so_far_on_x(tmp_path: Path) -> None:
+    write_run(tmp_path, source="simulate")
+    fig = plots.figure_loss_vs_bytes({"run": series_of(tmp_path)}, "t")
+    ax_train, ax_val = fig.axes
+    (train,) = lines(ax_train)
+    xs = data(train)
+    # round k: every reporting peer sent 2.5 MB + 1000·i bytes; the x axis is the running mean
+    per_round = [
+        sum(2_500_000 + 1000 * i for i in range(N_PEERS) if not (i == SILENT[0] and k in SILENT[1]))
+        / (N_PEERS - (k in SILENT[1]))
+        for k in range(ROUNDS)
+    ]
+    assert xs == pytest.approx([sum(per_round[: k + 1]) / 1e6 for k in range(ROUNDS)])
+    assert data(train, "y")[0] == pytest.approx(sum(3.0 + 0.05 * i for i in range(N_PEERS)) / N_PEERS)
+    assert "MB" in ax_train.get_xlabel() and "keyframes" in ax_train.get_xlabel()
+    (val,) = lines(ax_val)  # the averaged model's validation loss, where measured
+    assert len(data(val)) == ROUNDS // EVAL_EVERY
+    plt.close(fig)
+    assert "loss_bytes.png" in report.RUN_PLOTS
