@@ -1,5 +1,6 @@
 """`demuon launch` with real peer processes on loopback (against `demuon simulate` on the same
-file, interrupted by SIGINT, stopped over MQTT), and the compose file `demuon compose` writes.
+file, interrupted by SIGINT, stopped over MQTT); the compose file `demuon compose` writes is
+tested in tests/unit/test_compose.py.
 
 A process start (importing torch) is what these tests spend their time on: the two that compare
 with the simulator run the oracle file's 4 peers, the others a 2-peer cluster file with short
@@ -27,7 +28,7 @@ import aiomqtt
 import pytest
 
 from demuon import results
-from demuon.app import cli, compose
+from demuon.app import cli
 from demuon.app.summary import launch_summary
 from demuon.config import load_config
 from demuon.node.daemon import Control, DaemonStatus, LocalControl
@@ -37,7 +38,7 @@ from tests.support.cluster import CONFIGS, endpoints_setting, free_ports, inproc
 
 ORACLE = CONFIGS / "oracle-ring4.toml"
 ROOT = CONFIGS.parents[1]
-#: Peers of the generated cluster file (the compose test writes one of 4).
+#: Peers of the generated cluster file.
 N_PEERS = 2
 ROUNDS = 6
 DEADLINE_S = 90.0
@@ -153,33 +154,6 @@ def test_sigint_stops_every_peer_and_still_writes_a_summary(tmp_path: Path) -> N
     # stopped peers leave checkpoints: the summary still has their fingerprints and the average's loss
     assert all(p["from"] == "checkpoint" and p["fingerprint"]["l2"] is not None for p in data["peers"])
     assert data["average"]["validation_loss"] is not None
-
-
-def test_compose_file_has_one_service_per_peer_with_name_based_endpoints(tmp_path: Path) -> None:
-    source = write_config(tmp_path / "src.toml", ROUNDS, peers=4)
-    out, cluster = compose.write_compose(
-        source, tmp_path / "deploy" / "docker-compose.yml", mqtt=True, overrides=["algorithm.lr=0.05"]
-    )
-    text = out.read_text()
-    doc = json.loads(text.split("\n", 1)[1])  # after the YAML comment line
-    peers = {name: svc for name, svc in doc["services"].items() if name.startswith("peer-")}
-    assert sorted(peers) == [f"peer-{i}" for i in range(4)]
-    assert "mosquitto" in doc["services"]
-    assert doc["services"]["peer-0"]["build"]["dockerfile"] == "docker/Dockerfile"
-    for i in range(4):
-        svc = peers[f"peer-{i}"]
-        assert svc["command"][:6] == ["demuon", "run", "--config", "/config/cluster.toml", "--peer", str(i)]
-        env = svc["environment"]
-        config = load_config(cluster, environ=env)  # what the container reads
-        assert config.endpoint(i) == f"tcp://peer-{i}:{config.network.base_port + i}"
-        assert config.security.enabled and str(config.security.key_dir) == "/keys"  # on by default
-        assert "./keys:/keys:ro" in svc["volumes"]
-        assert config.telemetry.mqtt_host == "mosquitto"
-        assert config.algorithm.lr == 0.05
-    assert sorted(p.name for p in (out.parent / "keys").glob("*.key_secret")) == [
-        f"peer-{i}.key_secret" for i in range(4)
-    ]
-    assert cluster.read_text() == source.read_text()
 
 
 @needs_broker

@@ -115,16 +115,3 @@ def test_a_section_or_list_comes_from_the_environment_as_json(tiny: Path) -> Non
     config = load_config(tiny, environ=env)
     assert config.gossip.codec.kind == "topk" and config.gossip.codec.ratio == 0.25
     assert config.endpoint(3) == "tcp://p3:73"
-
-
-def test_the_compose_environment_reads_back_as_the_same_settings(tiny: Path) -> None:
-    from demuon.app import compose
-
-    config = load_config(tiny, environ={})
-    env = compose.compose_document(config, overrides=["gossip.codec={kind='natural'}", "algorithm.lr=0.3"])[
-        "services"
-    ]["peer-2"]["environment"]
-    again = load_config(tiny, environ=env)
-    assert again.endpoint(2) == compose.service_endpoint(config, 2)
-    assert again.gossip.codec.kind == "natural"
-    assert again.algorithm.lr == 0.3
