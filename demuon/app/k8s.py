@@ -64,7 +64,7 @@ from typing import Any
 from rich.console import Console
 
 from demuon.app.compose import override_env
-from demuon.config import ENV_PREFIX, Config, is_host, load_config
+from demuon.config import ENV_PREFIX, Config, is_host, load_config, math_fingerprint
 from demuon.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -78,6 +78,7 @@ MANAGED_BY = "demuon-k8s"
 #: A pod's start: imports, the workload, a resume, then the wait for neighbours.
 STARTUP_ALLOWANCE_S = 120.0
 PROBE_PERIOD_S = 10
+MAX_OBJECT_BYTES = 1 << 20  # a ConfigMap's or Secret's limit (etcd's is a little more)
 _LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _QUANTITY = re.compile(r"(\d+(\.\d*)?|\.\d+)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?")
 
@@ -444,6 +445,19 @@ def manifests(
     return out
 
 
+def check_pod_config(config: Config, in_pod: Config, overrides: Sequence[str]) -> None:
+    """The config a pod reads (the file, then its environment) computes the same run as the one
+    checked here: ``--set`` values survive their trip through ``DEMUON__…`` variables."""
+
+    def math(c: Config) -> str:  # the edges file is read from the ConfigMap's copy in the pods
+        return math_fingerprint(
+            c.model_copy(update={"topology": c.topology.model_copy(update={"edges_file": None})})
+        )
+
+    if math(in_pod) != math(config):
+        raise ConfigError("--set", list(overrides), "reads differently from the pods' environment")
+
+
 def _read_text(path: Path, what: str) -> str:
     try:
         return path.read_text()
@@ -492,7 +506,10 @@ def write_k8s(config_path: Path, out: Path, o: K8sOptions, overrides: Sequence[s
         for e in docs["06-statefulset.json"]["spec"]["template"]["spec"]["containers"][0]["env"]
         if "value" in e
     }
-    load_config(config_path, environ=env)  # the config as a pod reads it: must load as well
+    check_pod_config(config, load_config(config_path, environ=env), overrides)
+    for name, doc in docs.items():
+        if len(json.dumps(doc)) > MAX_OBJECT_BYTES:
+            raise ConfigError("peers", config.peers, f"{name} outgrows the 1 MiB of one Kubernetes object")
     for path in _stale(out, set(docs)):
         path.unlink()
     paths = []

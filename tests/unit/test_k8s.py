@@ -152,3 +152,13 @@ def test_an_edge_list_travels_in_the_config_map_and_set_overrides_in_the_environ
     pod_config = load_config(ORACLE, environ=env_of(docs))
     assert str(pod_config.topology.edges_file) == "/config/edges.txt"
     assert pod_config.topology.name == "edge_list" and pod_config.algorithm.lr == 0.3
+
+
+def test_a_set_value_the_pods_would_read_differently_is_refused() -> None:
+    from demuon.app.k8s import check_pod_config
+    from demuon.errors import ConfigError
+
+    here, in_pod = load_config(ORACLE, environ={}), load_config(ORACLE, ["algorithm.lr=0.5"], environ={})
+    check_pod_config(here, here.model_copy(update={"device": "cuda"}), [])  # run-local: the same run
+    with pytest.raises(ConfigError, match="reads differently"):
+        check_pod_config(here, in_pod, ["algorithm.lr=0.5"])
