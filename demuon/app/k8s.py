@@ -140,16 +140,16 @@ def telemetry_mode(config: Config, o: K8sOptions) -> str:
     return "external" if o.external_broker else "broker"
 
 
-def host_only(host: str) -> bool:
-    """An address that means "this machine" (loopback or unspecified): copied into a pod it names
-    the pod itself, not the machine the config was written on."""
+def host_only(host: str, *, bind: bool = False) -> bool:
+    """An address that means "this machine" (loopback, or unspecified unless ``bind``: a wildcard
+    is a fine address to listen on): copied into a pod it names the pod itself."""
     if host.lower().removesuffix(".") == "localhost":
         return True
     try:
         ip = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
         return False
-    return ip.is_loopback or ip.is_unspecified
+    return ip.is_loopback or (ip.is_unspecified and not bind)
 
 
 def check_config(config: Config, o: K8sOptions) -> None:
@@ -168,7 +168,7 @@ def check_config(config: Config, o: K8sOptions) -> None:
         raise ConfigError(
             "telemetry.tls", True, "the generated broker speaks plain MQTT: use --external-broker"
         )
-    if t.prometheus_port is not None and host_only(t.prometheus_host):
+    if t.prometheus_port is not None and host_only(t.prometheus_host, bind=True):
         raise ConfigError(
             "telemetry.prometheus_host",
             t.prometheus_host,

@@ -39,6 +39,7 @@ VARIANTS = {
     "telemetry": (("telemetry.mqtt_host='127.0.0.1'",), {}),  # a broker is generated, the host replaced
     "gpu": ((), {"gpu": 1}),
     "security-off": (("security.enabled=false",), {}),
+    "metrics": (("telemetry.prometheus_port=9100", "telemetry.prometheus_host='0.0.0.0'"), {}),
 }
 
 
@@ -52,6 +53,9 @@ def test_every_manifest_passes_strict_kubernetes_validation(tmp_path: Path, vari
     broker = ["ConfigMap", "Deployment", "Service"] if variant == "telemetry" else []
     secret = [] if variant == "security-off" else ["Secret"]
     assert kinds == sorted(["ConfigMap", "Service", "StatefulSet", *broker, *secret])
+    ports = [p["containerPort"] for p in peer_container(docs)["ports"]]
+    metrics = [9100, 9101, 9102, 9103] if variant == "metrics" else []
+    assert ports == [27400, 27401, 27402, 27403, *metrics]
 
 
 def test_the_statefulset_gives_peer_i_its_endpoint_through_the_headless_service(tmp_path: Path) -> None:
