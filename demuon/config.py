@@ -609,6 +609,13 @@ class NetworkConfig(Frozen):
         description="stop: checkpoint and exit (resume later); leave: hand the tracker share to a "
         "neighbour, tell the others, exit for good",
     )
+    leave_notice_rounds: int = Field(
+        default=3,
+        ge=0,
+        le=1000,
+        description="a leave asked for at run time happens this many rounds later, announced in every "
+        "header so the survivors re-weight from the same round (0: at once, neighbours lend its weight)",
+    )
     heartbeat_ms: int = Field(
         default=1000,
         ge=0,

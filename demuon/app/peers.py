@@ -11,8 +11,17 @@ import torch
 
 from demuon.config import Config
 from demuon.errors import ConfigError, TopologyError
+from demuon.node.membership import Membership
 from demuon.node.peer import Peer, PeerSetup, resolve_device, resolve_dtype
-from demuon.topology import PeerView, live_mixing_matrix, mixing_matrix_from_config, peer_view, period
+from demuon.topology import (
+    PeerView,
+    heir,
+    leave_schedule,
+    live_mixing_matrix,
+    mixing_matrix_from_config,
+    peer_view,
+    period,
+)
 from demuon.workloads import Workload, make_workload
 
 
@@ -67,12 +76,17 @@ def base_matrix(config: Config) -> torch.Tensor:
 def schedule_of(config: Config, index: int) -> list[tuple[int, list[PeerView]]]:
     """Peer ``index``'s views after each round at which peers leave: Metropolis weights on the
     graph of the peers that stay, which every peer computes alike from the shared config."""
-    plan = leaves(config)
-    out = []
-    for r in sorted(set(plan.values())):
-        live = [i for i in range(config.peers) if plan.get(i, r + 1) > r]
-        out.append((r, [peer_view(live_mixing_matrix(base_matrix(config), live), index)]))
-    return out
+    return leave_schedule(base_matrix(config), leaves(config), index)
+
+
+def membership_of(config: Config, index: int) -> Membership:
+    """Peer ``index``'s knowledge of the leaves: the plan's, and room for leaves announced at run
+    time, which re-weight the survivors only in the exact mode on a static undirected graph."""
+    W = base_matrix(config)
+    exact = config.gossip.codec.kind == "identity" and config.gossip.gamma == 1.0
+    undirected = torch.equal(W > 0, (W > 0).T)
+    reweight = exact and undirected and period(config.topology, config.peers) == 1
+    return Membership(W if reweight else None, index, leaves(config), config.network.leave_notice_rounds)
 
 
 def view_at(config: Config, index: int, k: int) -> PeerView:
@@ -87,12 +101,10 @@ def view_at(config: Config, index: int, k: int) -> PeerView:
 def heir_of(config: Config, leaver: int) -> int:
     """Who takes over ``leaver``'s share of the trackers: its lowest-numbered neighbour that stays."""
     plan = leaves(config)
-    r = plan[leaver]
-    row = base_matrix(config)[leaver]
-    stay = [j for j in range(config.peers) if j != leaver and row[j] > 0 and plan.get(j, r + 1) > r]
-    if not stay:
-        raise ConfigError("faults.peer.leave_at", r, f"peer {leaver} has no neighbour that stays")
-    return stay[0]
+    found = heir(base_matrix(config), plan, leaver)
+    if found is None:
+        raise ConfigError("faults.peer.leave_at", plan[leaver], f"peer {leaver} has no neighbour that stays")
+    return found
 
 
 def build_peer(config: Config, index: int, workload: Workload, setup: PeerSetup) -> Peer:

@@ -36,7 +36,7 @@ import torch
 import uvloop
 
 from demuon.app.peers import build_peer as build_one
-from demuon.app.peers import heir_of, leaves, peer_setup
+from demuon.app.peers import heir_of, leaves, membership_of, peer_setup
 from demuon.config import Config, load_config, math_fingerprint
 from demuon.errors import ConfigError, TransportError
 from demuon.node.checkpoint import (
@@ -244,6 +244,7 @@ def build_daemon(
         on_round=on_round,
         control=control,
         services=services,
+        membership=membership_of(config, start.peer.index),
     )
 
 

@@ -57,6 +57,7 @@ from demuon.atomic import atomic_write_bytes
 from demuon.errors import TransportError
 from demuon.node.checkpoint import save_checkpoint
 from demuon.node.gossip import Gossip, Inbound
+from demuon.node.membership import Membership
 from demuon.node.peer import Peer
 from demuon.node.rounds import RoundMetrics, keyframe_due, run_round
 from demuon.node.status import status_document, write_status
@@ -165,8 +166,11 @@ class Daemon:
         services: Sequence[Service] = (),
         handle_signals: bool = True,
         on_status: StatusHook | None = None,
+        membership: Membership | None = None,
     ) -> None:
         self.peer = peer
+        # who leaves when (planned and announced leaves); without one, a leave is at once
+        self.membership = membership if membership is not None else Membership(None, peer.index, {}, 0)
         self.settings = settings
         self.gossip = gossip
         self.transport = transport
@@ -197,6 +201,7 @@ class Daemon:
         self._injected_seen: Counter[str] = Counter()
         self.left_at: int | None = None  # the round we left before (announced leave)
         self._leave_requested = False
+        self._leave_round: int | None = None  # the round we leave before, once a leave is asked for
         self._inherited: set[int] = set()
         self._metrics: results.MetricsWriter | None = None
         self._closed = False
@@ -372,9 +377,11 @@ class Daemon:
                     break
                 target = self._catch_up(k)
                 skipped, k = target - k, target
-                if self._leave_requested or (
-                    self.settings.leave_at is not None and k >= self.settings.leave_at
-                ):
+                self._learn(k)
+                if self._leave_requested and self._leave_round is None:
+                    self._leave_round = self._announce_leave(k)
+                planned = self.settings.leave_at is not None and k >= self.settings.leave_at
+                if planned or (self._leave_round is not None and k >= self._leave_round):
                     await self._leave(k, announce=self._leave_requested)
                     break
                 await self._inherit(k)
@@ -471,16 +478,42 @@ class Daemon:
             )
         return writer
 
+    def _announce_leave(self, k: int) -> int:
+        """A leave asked for at run time, as round ``k`` starts: the round we leave before. With
+        ``network.leave_notice_rounds`` on a graph that can be re-weighted, that many rounds ahead,
+        and every header we send from now on says so (docs/algorithms.md §8); else ``k``."""
+        r = self.membership.announce(k)
+        if r is None:
+            return k
+        self._membership_changed()
+        log.info("leaving before round %d: announced %d rounds ahead", r, r - k)
+        return r
+
+    def _learn(self, k: int) -> None:
+        """Take in the leave notices heard since the last round (before round ``k`` starts)."""
+        heard = self.gossip.take_notices()
+        if heard and self.membership.learn(heard, k):
+            self._membership_changed()
+            log.info("leaves announced: %s (peer → round it leaves before)", self.membership.announced)
+
+    def _membership_changed(self) -> None:
+        self.peer.reschedule(self.membership.schedule())
+        self.gossip.notices = self.membership.notices()
+
     async def _leave(self, k: int, *, announce: bool = False) -> None:
-        """Leave before round ``k``: hand our share of the trackers to the heir (the plan's, or our
-        lowest-numbered neighbour), and with ``announce`` a zero share to every other neighbour so
-        that none of them waits for us again; then stop."""
-        view = self.peer.view(k)
+        """Leave before round ``k``: hand our share of the trackers to the heir (the plan's, the
+        announced leave's, or our lowest-numbered neighbour), and with ``announce`` a zero share to
+        every other neighbour so that none of them waits for us again; then stop."""
+        view = self.peer.view(max(k - 1, 0))  # our neighbours while we were there
         ins = {j for j, _ in view.in_neighbours}
         neighbours = sorted(ins & set(view.out_neighbours)) or sorted(view.out_neighbours)
-        heir = (
-            self.settings.heir if self.settings.heir is not None else (neighbours[0] if neighbours else None)
-        )
+        heir: int | None
+        if self.settings.heir is not None:
+            heir = self.settings.heir
+        elif self.peer.index in self.membership.announced:
+            heir = self.membership.heir(self.peer.index)
+        else:
+            heir = neighbours[0] if neighbours else None
         if heir is None:
             log.warning("leaving before round %d with no neighbour to hand the tracker share to", k)
         else:
@@ -496,8 +529,12 @@ class Daemon:
 
     async def _inherit(self, k: int) -> None:
         """Take over the shares of the neighbours that leave at or before round ``k`` (once each)."""
-        for r, gone in sorted(self.settings.inherit.items()):
-            for j in gone:
+        inherit: dict[int, set[int]] = {}
+        for source in (self.settings.inherit, self.membership.inherits()):
+            for r, js in source.items():
+                inherit.setdefault(r, set()).update(js)
+        for r, gone in sorted(inherit.items()):
+            for j in sorted(gone):
                 if r > k or j in self._inherited:
                     continue
                 self._inherited.add(j)
@@ -527,6 +564,9 @@ class Daemon:
         elif self.lonely:
             entry["status"], entry["reason"] = "lonely", self.lonely_reason()
             entry["exit_code"] = None  # not a success: the process exits non-zero
+        if self.membership.announced:  # leaves announced at run time, and how many we heard late
+            entry["leaves_announced"] = {str(j): r for j, r in sorted(self.membership.announced.items())}
+            entry["membership_late"] = self.membership.late
         if not math.isfinite(loss):
             entry["final_train_loss"] = None  # JSON has no NaN
         atomic_write_bytes(self.out / "final.json", (json.dumps(entry, indent=2) + "\n").encode())

@@ -212,6 +212,8 @@ class Gossip:
         self.plan = plan if plan is not None and plan.rules else None
         self.departed: set[int] = set()  # neighbours that handed off and left for good
         self.handoffs: dict[int, dict[str, torch.Tensor]] = {}  # sender → its share, until taken
+        self.notices: tuple[tuple[int, int], ...] = ()  # leave notices our headers carry (membership)
+        self._heard: dict[int, int] = {}  # leave notices in the headers that arrived, until taken
         self.mailbox: Mailbox[Inbound] = Mailbox(current=start_round)
         self.liveness = Liveness(self.net.down_after_misses)
         self.transport: Transport[Inbound] | None = None
@@ -274,6 +276,7 @@ class Gossip:
         """File one accepted message (called by the receive task). A hand-off means its sender
         left for good: it is never waited for again, and its share waits to be taken."""
         m = item.message
+        self._heard.update(m.leaves)
         if m.phase == HANDOFF:
             if m.sender not in self.departed:
                 self.departed.add(m.sender)
@@ -298,7 +301,14 @@ class Gossip:
         leave before, to ``heir`` (announced leave, docs/algorithms.md §8)."""
         tensors = {n: self._codecs["identity"].encode(t.contiguous(), seed=0) for n, t in share.items()}
         frames = list(
-            wire.encode(sender=self.peer.index, round=k, phase=HANDOFF, codec="identity", tensors=tensors)
+            wire.encode(
+                sender=self.peer.index,
+                round=k,
+                phase=HANDOFF,
+                codec="identity",
+                tensors=tensors,
+                leaves=self.notices,
+            )
         )
         await self._send((heir,), frames)
         self._sent.append(((heir,), frames))
@@ -316,6 +326,11 @@ class Gossip:
             except TimeoutError:
                 pass
         return self.handoffs.pop(sender, None)
+
+    def take_notices(self) -> dict[int, int]:
+        """The leave notices heard since the last call (peer → round it leaves before)."""
+        out, self._heard = self._heard, {}
+        return out
 
     def take_handoffs(self) -> dict[int, dict[str, torch.Tensor]]:
         """Every share handed to us so far and not yet taken (a leave announced at run time)."""
@@ -430,7 +445,13 @@ class Gossip:
         codec = self.peer.wire_codec(phase, keyframe)
         frames: Sequence[Buffer] = list(
             wire.encode(
-                sender=self.peer.index, round=k, phase=phase, codec=codec, tensors=encoded, keyframe=keyframe
+                sender=self.peer.index,
+                round=k,
+                phase=phase,
+                codec=codec,
+                tensors=encoded,
+                keyframe=keyframe,
+                leaves=self.notices,
             )
         )
         targets = tuple(self.peer.recipients(k, phase))

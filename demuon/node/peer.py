@@ -148,7 +148,7 @@ class Peer:
         self.setup = setup
         self.workload = workload
         self.views = tuple(views)
-        self.schedule = tuple((r, tuple(vs)) for r, vs in sorted(schedule, key=lambda item: item[0]))
+        self.reschedule(schedule)
         self.device = setup.device
         self.dtype = setup.dtype
         self.algorithm = algorithm
@@ -282,6 +282,11 @@ class Peer:
             if k >= start:
                 views = later
         return views[k % len(views)]
+
+    def reschedule(self, schedule: Sequence[tuple[int, Sequence[PeerView]]]) -> None:
+        """Set the views used from each round at which peers leave (a leave announced at run time
+        adds one; rounds already mixed are not affected)."""
+        self.schedule = tuple((r, tuple(vs)) for r, vs in sorted(schedule, key=lambda item: item[0]))
 
     def handoff(self) -> TensorDict:
         """``V − M`` (float64): this peer's share of the trackers, for its heir when it leaves

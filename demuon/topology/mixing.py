@@ -25,7 +25,7 @@ checks only nonnegativity and stochasticity for it, not ``λ < 1``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -372,3 +372,26 @@ def live_mixing_matrix(W: torch.Tensor, live: Collection[int]) -> torch.Tensor:
     if ids and not graphs.is_connected(A_live[ids][:, ids]):
         raise TopologyError("disconnected", f"the peers that stay ({ids}) are not connected", where=ids)
     return metropolis_weights(A_live)
+
+
+def leave_schedule(
+    W: torch.Tensor, leaves: Mapping[int, int], index: int
+) -> list[tuple[int, list[PeerView]]]:
+    """Peer ``index``'s view from each round at which peers leave (``leaves``: peer → the round it
+    leaves before): Metropolis weights on the graph of the peers still there. Two peers that know
+    the same leaves compute the same weights for the edge between them."""
+    n = W.shape[0]
+    out = []
+    for r in sorted(set(leaves.values())):
+        live = [i for i in range(n) if leaves.get(i, r + 1) > r]
+        out.append((r, [peer_view(live_mixing_matrix(W, live), index)]))
+    return out
+
+
+def heir(W: torch.Tensor, leaves: Mapping[int, int], leaver: int) -> int | None:
+    """Who takes over ``leaver``'s share of the trackers: its lowest-numbered neighbour that is
+    still there when it leaves (None: no such neighbour)."""
+    r = leaves[leaver]
+    row = W[leaver].tolist()
+    stay = [j for j in range(W.shape[0]) if j != leaver and row[j] > 0 and leaves.get(j, r + 1) > r]
+    return stay[0] if stay else None

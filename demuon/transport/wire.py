@@ -113,8 +113,13 @@ MAX_ARRAY = 1 << 16  # tensors per message, dims, buffers
 MAX_DIM = 2**62  # one dimension's size limit
 HEADER_BASE_BYTES = 1024  # header_bound: envelope, digest, fixed keys, codec params
 ENTRY_BYTES = 512  # header_bound: one tensor entry besides its name
+NOTICE_BYTES = 24  # header_bound: one leave notice (a msgpack pair of two ints takes at most 19)
 WIDEST_ITEMSIZE = 8  # frame_bound: float64
 HEADER_KEYS = frozenset({"sender", "round", "phase", "codec", "params", "keyframe", "tensors"})
+#: Optional header keys: ``leaves``, the leaves announced at run time that the sender knows of, as
+#: ``[[peer, round it leaves before], ...]`` (relayed, so that peers two hops away re-weight too).
+OPTIONAL_KEYS = frozenset({"leaves"})
+MAX_NOTICES = MAX_DIMS  # leave notices per header (no header array is shorter than MAX_DIMS)
 TENSOR_KEYS = frozenset({"name", "shape", "dtype", "meta", "buffers"})
 
 LOGICAL_NAMES = ("float32", "float64", "bfloat16", "float16")  # what a tensor may be
@@ -165,6 +170,7 @@ class Message:
     tensors: dict[str, torch.Tensor]
     codec_params: Meta = field(default_factory=dict)
     nbytes: int = 0  # all frames, header included
+    leaves: tuple[tuple[int, int], ...] = ()  # (peer, round it leaves before) the sender knows of
 
 
 class _TensorHeader(NamedTuple):  # a tuple: built once per tensor per message, so cheap matters
@@ -214,17 +220,23 @@ def encode(
     tensors: Mapping[str, Encoded],
     keyframe: bool = False,
     codec_params: Meta | None = None,
+    leaves: Sequence[tuple[int, int]] = (),
 ) -> list[Frame]:
     """Frames of one message: the envelope, then one zero-copy frame per buffer. Send the same
-    list to every out-neighbour. A keyframe must use the identity codec."""
+    list to every out-neighbour. A keyframe must use the identity codec. ``leaves``: leave notices
+    (peer, round), at most :data:`MAX_NOTICES`; the key is left out when there are none."""
     if keyframe and codec != Identity.kind:
         raise ValueError(f"a keyframe is sent with the identity codec, not {codec!r}")
+    if len(leaves) > MAX_NOTICES:
+        raise ValueError(f"{len(leaves)} leave notices: at most {MAX_NOTICES} fit a header")
     if sys.byteorder != "little":
         raise RuntimeError("the wire format is little-endian; this host is not")
     entries = [_tensor_header(name, enc) for name, enc in tensors.items()]
     params = dict(codec_params or {})
     body = {"sender": sender, "round": round, "phase": phase, "codec": codec}
     body.update(params=params, keyframe=keyframe, tensors=entries)
+    if leaves:
+        body["leaves"] = [[int(j), int(r)] for j, r in leaves]
     packed = msgpack.packb(body, use_bin_type=True)
     payload = [_frame(b) for enc in tensors.values() for b in enc.buffers]
     envelope: bytes = msgpack.packb([PROTOCOL_VERSION, _digest(packed, payload), packed], use_bin_type=True)
@@ -296,8 +308,8 @@ def _tensor(entry: Any) -> _TensorHeader:
 def header_bound(names: Collection[str]) -> int:
     """The most bytes frame 0 of a valid message with tensors ``names`` can take: the envelope
     and fixed keys, plus per tensor its name and an entry (shape, dtype, meta, buffers) well above
-    what any codec writes (about 80 bytes measured)."""
-    return HEADER_BASE_BYTES + sum(len(n.encode()) + ENTRY_BYTES for n in names)
+    what any codec writes (about 80 bytes measured), and room for a full list of leave notices."""
+    return HEADER_BASE_BYTES + NOTICE_BYTES * MAX_NOTICES + sum(len(n.encode()) + ENTRY_BYTES for n in names)
 
 
 def frame_bound(shapes: Mapping[str, Shape]) -> int:
@@ -339,9 +351,24 @@ def _header(body: bytes, ctx: DecodeContext) -> dict[str, Any]:
     # a longer one from its length prefix, before parsing any entry of it
     longest = min(MAX_ARRAY, max(MAX_DIMS, len(ctx.shapes), len(ctx.keyframe_shapes or ())))
     header = _unpack(body, max_bin_len=0, max_str_len=MAX_STR, max_array_len=longest, max_map_len=MAX_MAP)
-    if type(header) is not dict or header.keys() != HEADER_KEYS:
-        raise BadHeader(f"header is not a map with keys {sorted(HEADER_KEYS)}")
+    if type(header) is not dict or not HEADER_KEYS <= header.keys() <= HEADER_KEYS | OPTIONAL_KEYS:
+        raise BadHeader(
+            f"header is not a map with keys {sorted(HEADER_KEYS)} (and maybe {sorted(OPTIONAL_KEYS)})"
+        )
     return header
+
+
+def _notices(value: Any) -> tuple[tuple[int, int], ...]:
+    """The ``leaves`` of a header: at most MAX_NOTICES pairs of a peer id and a round."""
+    if type(value) is not list or len(value) > MAX_NOTICES:
+        raise BadHeader(f"leaves is not a list of at most {MAX_NOTICES} notices")
+    out = []
+    for item in value:
+        ok = type(item) is list and len(item) == 2 and all(type(x) is int for x in item)
+        if not ok or not (0 <= item[0] < 2**31 and 0 <= item[1] <= MAX_ROUND):
+            raise BadHeader(f"leave notice {item!r} is not [peer, round]", actual=str(item)[:64])
+        out.append((item[0], item[1]))
+    return tuple(out)
 
 
 def _check_origin(header: dict[str, Any], ctx: DecodeContext) -> tuple[int, int]:
@@ -480,11 +507,14 @@ def _decode(frames: Sequence[Buffer], ctx: DecodeContext) -> Message:
             decoded = {t.name: _decode_tensor(t, codec, payload, finite) for t in tensors}
         shapes = ctx.keyframe_shapes if header["keyframe"] and ctx.keyframe_shapes is not None else ctx.shapes
         dense = {name: decoded[name] for name in shapes}
+        leaves = _notices(header["leaves"]) if "leaves" in header else ()
     except WireError as exc:
         exc.annotate(sender=sender, round=k)
         raise
     params = dict(header["params"])
-    return Message(sender, k, header["phase"], header["keyframe"], header["codec"], dense, params, nbytes)
+    return Message(
+        sender, k, header["phase"], header["keyframe"], header["codec"], dense, params, nbytes, leaves
+    )
 
 
 def decode(frames: Sequence[Buffer], ctx: DecodeContext) -> Message:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import signal
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,10 +17,11 @@ import pytest
 import torch
 
 from demuon.app import simulate
-from demuon.app.peers import heir_of
+from demuon.app.peers import base_matrix, heir_of
 from demuon.config import Config, load_config
 from demuon.errors import ConfigError
 from demuon.node.daemon import DaemonStatus
+from demuon.topology import live_mixing_matrix, peer_view
 from tests.support.cluster import CONFIGS, inproc_daemons
 from tests.support.configs import eight_peers
 
@@ -101,11 +103,13 @@ def test_a_leave_that_cannot_be_carried_out_fails_before_anything_starts(sets: l
 async def test_a_leave_asked_for_at_run_time_hands_off_and_no_survivor_waits_for_the_leaver(
     tmp_path: Path,
 ) -> None:
-    """What ``network.on_sigterm = "leave"`` does on SIGTERM, asked for here by peer 2's own round
-    hook after round 5: it hands its share to its heir, tells its other neighbours, and stops; the
-    others never wait out a deadline for it and finish, with mean V = mean M on the survivors
-    (the ring's weights are symmetric, so the survivors' rows and columns still sum to one)."""
-    config = load_config(CONFIGS / "oracle-ring4.toml", ["dtype='float64'", "network.phase_timeout_s=5.0"])
+    """What ``network.on_sigterm = "leave"`` does on SIGTERM with no notice
+    (``network.leave_notice_rounds = 0``), asked for here by peer 2's own round hook after round 5:
+    it hands its share to its heir, tells its other neighbours, and stops; the others never wait
+    out a deadline for it and finish, with mean V = mean M on the survivors (they lend its weight
+    to self; the ring's weights are symmetric, so their rows and columns still sum to one)."""
+    sets = ["dtype='float64'", "network.phase_timeout_s=5.0", "network.leave_notice_rounds=0"]
+    config = load_config(CONFIGS / "oracle-ring4.toml", sets)
     rows: dict[int, list[dict[str, Any]]] = {i: [] for i in range(config.peers)}
     daemons: list[Any] = []
 
@@ -128,6 +132,59 @@ async def test_a_leave_asked_for_at_run_time_hands_off_and_no_survivor_waits_for
     gap = sum(float((V[n] - M[n]).square().sum()) for n in V) ** 0.5
     scale = max(1.0, sum(float(M[n].square().sum()) for n in M) ** 0.5)
     assert gap <= 1e-9 * scale, gap
+
+
+async def test_a_leave_asked_for_at_run_time_is_carried_out_exactly_as_a_planned_one(tmp_path: Path) -> None:
+    """With notice (the default ``network.leave_notice_rounds = 3``), peer 5 of an 8-peer
+    exponential graph, asked to leave by its round hook after round 4, announces the round it
+    leaves before in its headers; its neighbours relay it to theirs, every survivor re-weights to
+    Metropolis on the live graph from that round, and the heir takes the share then: the daemons
+    end with the parameters the simulator computes for a plan with that leave, bitwise — also
+    with 30 % of all messages dropped (the notice is in every header, so one that gets through is
+    enough). On this graph the weights differ from lending: the leaver's neighbours' neighbours
+    re-weight too."""
+    sets = [
+        "peers=8",
+        "topology.name='exponential'",
+        "rounds=16",
+        "dtype='float64'",
+        "network.phase_timeout_s=5.0",
+    ]
+    drops = "seed = 3, link = [{action = 'drop', probability = 0.3}]"
+    config = load_config(CONFIGS / "oracle-ring4.toml", [*sets, f"faults={{{drops}}}"])
+    rows: dict[int, list[dict[str, Any]]] = {i: [] for i in range(config.peers)}
+    daemons: list[Any] = []
+
+    def hook(i: int, row: Mapping[str, Any]) -> None:
+        rows[i].append(dict(row))
+        if i == 5 and row["round"] == 4:
+            daemons[5].request_leave()
+
+    daemons.extend(inproc_daemons(config, tmp_path, hooks={i: functools.partial(hook, i) for i in rows}))
+    assert await asyncio.gather(*(d.run() for d in daemons)) == [DaemonStatus.STOPPED] * config.peers
+    left = daemons[5].left_at
+    assert left is not None and 5 + 3 <= left <= 4 + 3 + 3  # announced as round 5, 6 or 7 started
+    stay = [d for d in daemons if d.peer.index != 5]
+    for d in stay:
+        entry = json.loads((tmp_path / f"peer-{d.peer.index}" / "final.json").read_text())
+        assert entry["leaves_announced"] == {"5": left} and entry["membership_late"] == 0
+    leave = f"peer = [{{id = 5, leave_at = {left}}}]"
+    plan = load_config(CONFIGS / "oracle-ring4.toml", [*sets, f"faults={{{drops}, {leave}}}"])
+    reference = simulate.run(plan)
+    for d in stay:
+        final = torch.load(tmp_path / f"peer-{d.peer.index}" / "final.pt", weights_only=True)
+        ref = reference.peers[d.peer.index]
+        assert all(torch.equal(final[n], ref.params[n].detach()) for n in ref.names), d.peer.index
+        after = [r for r in rows[d.peer.index] if r["round"] >= left]
+        assert max(r["t_wait_max"] for r in after) < 2.0  # nobody waited out a deadline for peer 5
+    W = base_matrix(config)
+    live = [d.peer.index for d in stay]
+    metropolis = live_mixing_matrix(W, live)
+    assert all(d.peer.view(left) == peer_view(metropolis, d.peer.index) for d in stay)
+    lent = W.clone()
+    lent[live, live] += W[live, 5]  # what lending would have mixed with instead
+    lent[:, 5] = lent[5, :] = 0
+    assert not torch.allclose(metropolis[live][:, live], lent[live][:, live])
 
 
 async def test_sigterm_means_leave_only_when_the_config_says_so(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ import torch
 
 from demuon import results
 from demuon.app import simulate
-from demuon.app.peers import build_peers
+from demuon.app.peers import build_peers, membership_of
 from demuon.app.run import daemon_settings
 from demuon.config import Config, load_config, math_fingerprint
 from demuon.node.checkpoint import load_checkpoint, restore
@@ -181,6 +181,7 @@ def inproc_daemon(
         on_round=on_round,
         control=control,
         handle_signals=False,
+        membership=membership_of(config, index),
     )
 
 
