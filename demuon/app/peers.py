@@ -83,9 +83,8 @@ def membership_of(config: Config, index: int) -> Membership:
     """Peer ``index``'s knowledge of the leaves: the plan's, and room for leaves announced at run
     time, which re-weight the survivors only in the exact mode on a static undirected graph."""
     W = base_matrix(config)
-    exact = config.gossip.codec.kind == "identity" and config.gossip.gamma == 1.0
     undirected = torch.equal(W > 0, (W > 0).T)
-    reweight = exact and undirected and period(config.topology, config.peers) == 1
+    reweight = config.gossip.exact and undirected and period(config.topology, config.peers) == 1
     return Membership(W if reweight else None, index, leaves(config), config.network.leave_notice_rounds)
 
 
