@@ -38,8 +38,9 @@ reads every ``.json`` file of the folder, in name order):
   config's broker instead, which the pods must reach (a loopback address is refused).
 
 A setting that cannot work in the pods fails here, with one line naming it (exit 2): a bad
-``--set`` or topology option, a missing key folder, a loopback broker or metrics address, a
-``checkpoint.dir`` outside ``/runs``, ``device = "cuda"`` without ``--gpu``.
+``--set`` or topology option, a missing key folder or key, a loopback broker or metrics address,
+a host file (``telemetry.tls_ca``, ``workload.corpus``), a ``checkpoint.dir`` outside ``/runs``,
+``device = "cuda"`` without ``--gpu``, a peer port past 65535.
 
 A finished peer's process exits 0 and the StatefulSet restarts it (a StatefulSet's pods always
 restart): scale it to 0 once ``kubectl logs`` or ``demuon watch`` say the run is done. The
@@ -51,7 +52,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import ipaddress
 import json
 import math
 import os
@@ -63,7 +63,7 @@ from typing import Any
 
 from rich.console import Console
 
-from demuon.app.compose import override_env
+from demuon.app.compose import check_topology, is_local_host, override_env
 from demuon.config import ENV_PREFIX, Config, is_host, load_config, math_fingerprint
 from demuon.errors import ConfigError
 
@@ -140,35 +140,35 @@ def telemetry_mode(config: Config, o: K8sOptions) -> str:
     return "external" if o.external_broker else "broker"
 
 
-def host_only(host: str, *, bind: bool = False) -> bool:
-    """An address that means "this machine" (loopback, or unspecified unless ``bind``: a wildcard
-    is a fine address to listen on): copied into a pod it names the pod itself."""
-    if host.lower().removesuffix(".") == "localhost":
-        return True
-    try:
-        ip = ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return False
-    return ip.is_loopback or (ip.is_unspecified and not bind)
-
-
 def check_config(config: Config, o: K8sOptions) -> None:
     """What would break in the pods, refused here with one line naming the setting."""
     t, mode = config.telemetry, telemetry_mode(config, o)
     if mode == "external":
         if t.mqtt_host is None:
             raise ConfigError("telemetry.mqtt_host", None, "--external-broker needs the config's broker")
-        if host_only(t.mqtt_host):
+        if is_local_host(t.mqtt_host):
             raise ConfigError(
                 "telemetry.mqtt_host",
                 t.mqtt_host,
                 "names the pod itself: give a broker the pods reach, or drop --external-broker",
             )
+    if mode == "external" and t.tls_ca is not None:
+        raise ConfigError("telemetry.tls_ca", str(t.tls_ca), "a host file the pods do not have")
+    corpus = getattr(config.workload, "corpus", None)
+    if corpus is not None:
+        raise ConfigError(
+            "workload.corpus", str(corpus), "a host file the pods do not have (unset: the image's)"
+        )
+    last = config.network.base_port + config.peers - 1
+    if last > 65535:
+        raise ConfigError(
+            "network.base_port", config.network.base_port, f"peer {config.peers - 1} would get port {last}"
+        )
     if mode == "broker" and t.tls:
         raise ConfigError(
             "telemetry.tls", True, "the generated broker speaks plain MQTT: use --external-broker"
         )
-    if t.prometheus_port is not None and host_only(t.prometheus_host, bind=True):
+    if t.prometheus_port is not None and is_local_host(t.prometheus_host):
         raise ConfigError(
             "telemetry.prometheus_host",
             t.prometheus_host,
@@ -189,14 +189,6 @@ def check_config(config: Config, o: K8sOptions) -> None:
     if config.device.startswith("cuda") and o.gpu == 0:
         raise ConfigError("device", config.device, "the pods get no GPU: give --gpu N or set device = 'cpu'")
     check_topology(config)
-
-
-def check_topology(config: Config) -> None:
-    """Build every round's mixing matrix: a bad topology option fails here, not in N pods."""
-    from demuon.topology import mixing_matrix_from_config, period
-
-    for t in range(period(config.topology, config.peers)):
-        mixing_matrix_from_config(config.topology, config.peers, t)
 
 
 def key_folder(config: Config, out: Path) -> Path | None:

@@ -118,6 +118,7 @@ BAD = {
         ["--set", "security.enabled=true", "--set", "security.key_dir='KEYS'"],
         "has no peer-3.key",
     ),
+    "port past 65535": (["--set", "network.base_port=65000", "--set", "peers=600"], "65599"),
     "set without =": (["--set", "rounds"], "'rounds'"),
     "set unknown key": (["--set", "algorithm.lrr=0.1"], "lrr"),
     "checkpoint on the host": (["--set", "checkpoint.dir='runs/ck'"], "runs/ck"),
