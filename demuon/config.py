@@ -145,8 +145,9 @@ CLIP_POWER = 0.4
 #: The methods with DeMuon's EMA momentum M (and tracker V of it): the ones ``nesterov`` and
 #: ``momentum_form`` apply to (``demuon.node.algorithms`` checks its registry against this).
 MOMENTUM_ALGORITHMS: tuple[str, ...] = ("demuon", "gt_nsgdm")
-#: torch.optim.Muon's ``adjust_lr_fn`` shape factors, plus ``none`` (DeMuon's own: no factor).
-AdjustLR = Literal["none", "original", "match_rms_adamw"]
+#: torch.optim.Muon's ``adjust_lr_fn`` shape factors, ``none`` (DeMuon's own: no factor), and
+#: ``scion``: Scion/Gluon's layer-wise LMO scales (√(d_out/d_in) spectral, 1/d_in sign).
+AdjustLR = Literal["none", "original", "match_rms_adamw", "scion"]
 MomentumForm = Literal["ema", "mvr"]
 
 MatrixRoute = Literal["newton_schulz", "polar_svd"]
@@ -190,7 +191,8 @@ class AlgorithmConfig(Frozen):
     adjust_lr: AdjustLR = Field(
         default="none",
         description="demuon: step-size factor per orthogonalised A×B matrix: original √max(1, A/B), "
-        "match_rms_adamw 0.2·√max(A, B) (torch's adjust_lr_fn)",
+        "match_rms_adamw 0.2·√max(A, B) (torch's adjust_lr_fn), scion √(A/B) and 1/B on sign-routed "
+        "matrices (Scion/Gluon's LMO scales)",
     )
     momentum_form: MomentumForm = Field(
         default="ema",

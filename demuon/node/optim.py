@@ -139,7 +139,22 @@ def shape_factor(shape: Sequence[int], rule: AdjustLR) -> float:
     A, B = dims[0], math.prod(dims[1:])
     if rule == "original":
         return math.sqrt(max(1.0, A / B))
+    if rule == "scion":
+        return math.sqrt(A / B)
     return 0.2 * math.sqrt(max(A, B))
+
+
+def step_factor(shape: Sequence[int], route: str, rule: AdjustLR) -> float:
+    """``s_p`` of one parameter: :func:`shape_factor` on the orthogonalised routes; with ``scion``
+    also ``1/B`` (``1/d_in``) on a sign-routed matrix, Scion's Sign LMO for the output head
+    (docs/algorithms.md §2.6); 1 on every other route."""
+    # shape: the parameter's shape; route: from route_for; rule: the config's adjust_lr.
+    if route in ORTHOGONAL_ROUTES:
+        return shape_factor(shape, rule)
+    dims = [d for d in shape if d != 1]
+    if rule == "scion" and route == "sign" and len(dims) >= 2:
+        return 1.0 / math.prod(dims[1:])
+    return 1.0
 
 
 def tracker_message(V: Tensor, M_new: Tensor, M_old: Tensor) -> Tensor:
@@ -344,7 +359,8 @@ def demuon_local_step(
 
     ``routes`` maps names to routes (:func:`route_for`); a missing name gets the default routing.
     With Muon's options (docs/algorithms.md §2.6): ``Y = (1 − η λ) X − η s ORTH(V)``,
-    ``s = shape_factor`` on the orthogonalised routes (``newton_schulz``, ``polar_svd``) and 1 on every other.
+    ``s = step_factor``: ``shape_factor`` on the orthogonalised routes (``newton_schulz``,
+    ``polar_svd``), with ``scion`` ``1/d_in`` on sign-routed matrices, and 1 on every other.
     """
     # X: iterate; V: mixed tracker (or Ṽ); lr: η_k; routes: name → route; weight_decay: λ;
     # adjust_lr: the shape-factor rule. None modified.
@@ -360,7 +376,7 @@ def demuon_local_step(
             ns_steps=ns_steps,
             ns_dtype=ns_dtype,
             weight_decay=weight_decay,
-            scale=shape_factor(tuple(x.shape), adjust_lr) if chosen[n] in ORTHOGONAL_ROUTES else 1.0,
+            scale=step_factor(tuple(x.shape), chosen[n], adjust_lr),
         )
         for n, x in X.items()
     }

@@ -14,7 +14,9 @@ from demuon.config import (
     InvSqrtSchedule,
     LinearSchedule,
     RoutingConfig,
+    config_from_dict,
 )
+from demuon.errors import ConfigError
 from demuon.node import algorithms, optim
 from demuon.node.newton_schulz import column_normalize, row_normalize
 
@@ -396,3 +398,38 @@ def test_muon_options_default_off_and_a_side_by_side_run_can_switch_them_off() -
         }
     )
     assert config.for_algorithm("dsgd").algorithm.nesterov is False
+
+
+def test_scion_scales_are_the_layer_wise_lmo_table() -> None:
+    """``adjust_lr = "scion"`` (docs/algorithms.md §2.6): hidden matrices √(d_out/d_in) on their
+    orthogonal factor, a sign-routed head 1/d_in, column/row norms, RMS and scalars unscaled —
+    each step checked against its own float64 formula."""
+    shapes = {"w": (8, 2), "wide": (2, 8), "head": (5, 4), "embed": (6, 3), "b": (3,), "s": ()}
+    X = {n: torch.zeros(shape, dtype=torch.float64) for n, shape in shapes.items()}
+    V = {
+        n: f64(*shape, seed=i) if shape else torch.tensor(-0.7, dtype=torch.float64)
+        for i, (n, shape) in enumerate(shapes.items())
+    }
+    routes = {
+        "w": "polar_svd",
+        "wide": "polar_svd",
+        "head": "sign",
+        "embed": "colnorm",
+        "b": "rms",
+        "s": "sign",
+    }
+    Y = optim.demuon_local_step(X, V, 0.1, routes, adjust_lr="scion")
+    assert torch.allclose(Y["w"], -0.1 * 2.0 * optim.polar_svd(V["w"]), atol=1e-15)  # √(8/2)
+    assert torch.allclose(Y["wide"], -0.1 * 0.5 * optim.polar_svd(V["wide"]), atol=1e-15)  # √(2/8)
+    assert torch.allclose(Y["head"], -0.1 * torch.sign(V["head"]) / 4, atol=1e-15)  # sign / d_in
+    assert torch.allclose(Y["embed"], -0.1 * column_normalize(V["embed"]), atol=1e-15)
+    rms = V["b"].norm() / 3**0.5
+    assert torch.allclose(Y["b"], -0.1 * V["b"] / rms, atol=1e-15)
+    assert float(Y["s"]) == pytest.approx(0.1)  # −η sign(−0.7)
+    assert optim.step_factor((8, 2), "sign", "original") == 1.0  # the torch rules leave sign alone
+
+
+def test_the_scion_factor_is_accepted_for_demuon_only() -> None:
+    assert config_from_dict({"algorithm": {"adjust_lr": "scion"}}).algorithm.adjust_lr == "scion"
+    with pytest.raises(ConfigError, match="adjust_lr"):
+        config_from_dict({"algorithm": {"name": "dsgd", "adjust_lr": "scion"}})
