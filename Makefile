@@ -6,7 +6,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DEMO_OUT ?= runs/demo
 
-.PHONY: demo test test-slow lint typecheck bench broker netns-tools deploy-tools clean setup
+.PHONY: demo test test-slow lint typecheck bench broker netns-tools deploy-tools clean setup \
+	image image-arm64 wheels test-docker test-docker-arm64
 
 setup: $(STAMP)
 
@@ -51,6 +52,31 @@ test: $(STAMP) broker netns-tools deploy-tools lint typecheck
 
 test-slow: $(STAMP) broker netns-tools
 	$(PY) -m pytest -q -p no:cacheprovider -m slow
+
+# Container images without a registry (docker/images.sh): the wheelhouse build/wheels-amd64 and the
+# project's wheel build/dist, a Debian bookworm base made with debootstrap when BASE is not present
+# (default demuon-base:bookworm-amd64; BASE=python:3.11-slim with a registry), then demuon:latest
+# and demuon-mosquitto:latest. image-arm64: demuon:arm64 under qemu-user-static (slow: minutes).
+image: $(STAMP)
+	VENV=$(VENV) docker/images.sh
+
+image-arm64: $(STAMP)
+	ARM64_ONLY=1 VENV=$(VENV) docker/images.sh
+
+# The wheelhouse alone: VARIANT=amd64 (default), arm64, or cuda (PyPI's CUDA torch, several GB).
+VARIANT ?= amd64
+wheels: $(STAMP)
+	VENV=$(VENV) docker/wheels.sh $(VARIANT)
+
+# The tests marked docker (tests/docker) against real containers, on a bare machine as root:
+# installs the engine when missing, starts a dockerd when none answers, builds the images, and
+# removes at the end what the run made (docker/test-docker.sh). test-docker-arm64 adds the mixed
+# amd64/arm64 cluster (an arm64 base and image built and run under qemu: slow).
+test-docker: $(STAMP)
+	VENV=$(VENV) docker/test-docker.sh
+
+test-docker-arm64: $(STAMP)
+	ARM64=1 VENV=$(VENV) docker/test-docker.sh
 
 bench: $(STAMP)
 	$(PY) bench/algorithms.py
