@@ -93,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     _set(s)
     s.add_argument("--out", type=Path, help="run folder: peer-<i>/metrics.jsonl, cluster.jsonl, summary.json")
     s.add_argument("--algorithms", help=f"comma-separated, side by side ({','.join(ALGORITHMS)})")
+    s.add_argument(
+        "--server",
+        action="store_true",
+        help="EF21-Muon: the peers are workers of one server (uplink codec gossip.v, downlink gossip.x)",
+    )
     _faults(s)
     s.set_defaults(func=_lazy("commands", "cmd_simulate"))
 

@@ -54,23 +54,32 @@ def algorithms_arg(arg: str | None, config: Config) -> list[str]:
     return names
 
 
-def simulate_many(config: Config, algorithms: Sequence[str], out: Path | None) -> dict[str, SimulationResult]:
+#: The label of ``simulate --server`` runs (EF21-Muon, demuon/app/server.py).
+SERVER_RUN = "ef21_muon"
+
+
+def simulate_many(
+    config: Config, algorithms: Sequence[str], out: Path | None, *, server: bool = False
+) -> dict[str, SimulationResult]:
     """Run each algorithm on the same config (with its ``per_algorithm`` overrides), side by side:
-    with several, each gets its own run folder ``out/<algorithm>``."""
+    with several, each gets its own run folder ``out/<algorithm>``. ``server``: EF21-Muon's
+    server–worker run of the config instead (one run, labelled :data:`SERVER_RUN`)."""
     from demuon import results
     from demuon.app import plots, simulate
+    from demuon.app import server as server_mode
 
     runs: dict[str, SimulationResult] = {}
     with _progress() as bar:
-        for name in algorithms:
-            cfg = config.for_algorithm(name)
+        for name in [SERVER_RUN] if server else algorithms:
+            cfg = config if server else config.for_algorithm(name)
             task = bar.add_task(name, total=cfg.rounds, loss="…")
 
             def hook(k: int, row: Mapping[str, Any], task: Any = task) -> None:
                 bar.update(task, completed=k + 1, loss=f"{row['train_loss']:.4f}")
 
-            sub = (out / name) if out and len(algorithms) > 1 else out
-            runs[name] = simulate.run(cfg, out=sub, progress=hook)
+            sub = (out / name) if out and len(algorithms) > 1 and not server else out
+            runner = server_mode.run if server else simulate.run
+            runs[name] = runner(cfg, out=sub, progress=hook)
     if out:
         title = f"{config.peers} peers, {config.topology.name}, {config.workload.kind}"
         plots.plot_runs(
@@ -115,7 +124,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.set, faults=args.faults)
     check_device(config.device)
     out = Path(args.out) if args.out else None
-    runs = simulate_many(config, algorithms_arg(args.algorithms, config), out)
+    server = bool(getattr(args, "server", False))
+    if server and (args.algorithms or not config.faults.empty):
+        what = "--algorithms" if args.algorithms else "a fault plan"
+        raise ConfigError("--server", what, "EF21-Muon runs one algorithm with no faults: drop " + what)
+    if server and config.algorithm.name != "demuon":
+        raise ConfigError(
+            "algorithm.name", config.algorithm.name, "--server runs EF21-Muon, whose step is demuon's"
+        )
+    runs = simulate_many(config, algorithms_arg(args.algorithms, config), out, server=server)
     print_run_table(runs)
     if out:
         console.print(f"wrote {out}/ (peer-<i>/metrics.jsonl, cluster.jsonl, summary.json, plot.png)")
