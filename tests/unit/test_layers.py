@@ -28,6 +28,8 @@ LAYERS: dict[str, int] = {
     "demuon.node.newton_schulz": 2,
     "demuon.node.algorithms": 2,
     "demuon.node.reference": 2,
+    "demuon.node.membership": 2,
+    "demuon.node.ef21": 2,
     "demuon.transport.base": 3,
     "demuon.transport.zeromq": 3,
     "demuon.transport.inproc": 3,
