@@ -176,8 +176,8 @@ def test_a_peer_killed_mid_run_is_restarted_resumes_from_its_checkpoint_and_ever
     peer's process is killed from the host instead (SIGKILL to the container's PID from `docker
     inspect`, as the OOM killer would end it; the tests run as root). Long deadlines: the
     survivors wait for the restarted peer instead of running ahead without it."""
-    rounds, victim = 200, 1
-    c = make_cluster("checkpoint.every=5", "network.phase_timeout_s=15.0", f"rounds={rounds}")
+    rounds, victim, every = 200, 1, 5
+    c = make_cluster(f"checkpoint.every={every}", "network.phase_timeout_s=15.0", f"rounds={rounds}")
     at = c.wait_round(victim, 20)
     os.kill(int(c.state(victim)["State"]["Pid"]), signal.SIGKILL)
     poll(lambda: c.state(victim)["RestartCount"] >= 1, f"peer {victim} restarted", c, 60.0)
@@ -187,7 +187,8 @@ def test_a_peer_killed_mid_run_is_restarted_resumes_from_its_checkpoint_and_ever
     assert at < rounds - 1, "the kill came after the last round: use more rounds"
     status = c.json(victim, "status.json") or {}
     assert status.get("state") == "done" and status.get("resumed") is True
-    assert 0 < status["start_round"] <= at + 1  # from a checkpoint at or before the round it died in
+    # from a checkpoint (one every 5 rounds), no older than the last before the round seen alive
+    assert status["start_round"] % every == 0 and status["start_round"] >= (at + 1) // every * every > 0
     log = (c.read(victim, "log.txt") or b"").decode()
     assert "resuming from it" in log and "resumed from /runs/checkpoint" in log  # its second life
     assert [(c.json(i, "final.json") or {}).get("final_round") for i in range(4)] == [rounds - 1] * 4
@@ -196,7 +197,7 @@ def test_a_peer_killed_mid_run_is_restarted_resumes_from_its_checkpoint_and_ever
 def test_a_peer_cut_off_its_network_for_a_while_rejoins_and_the_cluster_agrees_again(
     docker: Docker, make_cluster: Callable[..., ComposeCluster]
 ) -> None:
-    rounds, victim = 400, 2
+    rounds, victim = 600, 2
     sets = ("network.phase_timeout_s=1.0", f"rounds={rounds}")
     c = make_cluster(*sets)
     cid = c.container(victim)
@@ -206,20 +207,24 @@ def test_a_peer_cut_off_its_network_for_a_while_rejoins_and_the_cluster_agrees_a
     survivor_at = c.wait_round(0, cut_at + 60, deadline_s=90.0)  # the others go on without it
     victim_at = (c.json(victim, "status.json") or {})["round"]  # alone, it waits out every deadline
     docker("network", "connect", *(a for alias in aliases for a in ("--alias", alias)), c.network, cid)
+    c.wait_round(victim, survivor_at, deadline_s=90.0)  # back: it jumped to where the others are
+    back_at = (c.json(0, "status.json") or {})["round"]
     states = c.wait_exited()
     assert [s["State"]["ExitCode"] for s in states] == [0] * 4, c.logs()
-    assert survivor_at < rounds - 100, "the cut lasted to the end of the run: use more rounds"
+    assert back_at < rounds - 100, f"the victim was back at round {back_at} of {rounds}: use more rounds"
     assert victim_at < survivor_at - 30  # the cut was real: the victim fell behind while it lasted
     rows = [json.loads(line) for line in (c.read(victim, "metrics.jsonl") or b"").decode().splitlines()]
     assert any(r["down"] for r in rows), "the victim never saw its neighbours down"
     assert sum(r["skipped"] for r in rows) > 0  # back on the network, it jumped to the others' round
-    assert rows[-1]["round"] == rounds - 1 and rows[-1]["missing"] == []
+    assert rows[-1]["round"] == rounds - 1
+    assert [r for r in rows if r["round"] > back_at and not r["missing"]]  # it gossips with them again
     # Once the victim is back, mixing contracts its gap to the others by the ring's second
     # eigenvalue (1/3 for 4 peers, Metropolis weights) per exchange: after the ≥ 100 rounds left,
     # nothing of the cut remains but what it did to the trackers, and the consensus error is back
-    # at the level DeMuon's constant step holds it at on these heterogeneous peers. Measured: 0.97×
-    # the fault-free run's (0.0195 against 0.0201); 2× leaves room for where the cut falls. A peer
-    # that never rejoined would sit off by the spread of the peers' minimisers.
+    # at the level DeMuon's constant step holds it at on these heterogeneous peers. Measured with a
+    # cut of about 60 survivor rounds: 0.97× the fault-free run's at 400 rounds (0.0195 against
+    # 0.0201), 1.31× at 1500; 2× leaves room for where the cut falls. A peer that never rejoined
+    # would sit off by the spread of the peers' minimisers.
     fault_free = consensus_error(
         [{n: t.detach() for n, t in p.params.items()} for p in simulate.run(c.config).peers]
     )
