@@ -116,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     again.add_argument(
         "--resume-if-present", action="store_true", help="resume when a checkpoint is there, else start fresh"
     )
+    r.add_argument(
+        "--hold-when-done",
+        action="store_true",
+        help="after the last round stay up (status done) until SIGTERM (for a StatefulSet)",
+    )
     _set(r)
     _faults(r)
     r.set_defaults(func=_lazy("run", "cmd_run"))

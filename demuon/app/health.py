@@ -17,6 +17,8 @@ code. It imports neither torch nor pydantic (it runs every few seconds in every 
 from __future__ import annotations
 
 import argparse
+import logging
+import signal
 import sys
 import time
 from collections.abc import Mapping
@@ -59,3 +61,16 @@ def cmd_health(args: argparse.Namespace) -> int:
     code, line = check(Path(args.out), max_age_s=args.max_age_s)
     (sys.stdout if code == HEALTHY else sys.stderr).write(line + "\n")
     return code
+
+
+def hold_until_signalled() -> None:
+    """Block until SIGTERM or SIGINT (``--hold-when-done``): a finished peer stays up, its status
+    file saying ``done``, so that an orchestrator that restarts every exit (a Kubernetes
+    StatefulSet) does not restart it, and its results can still be copied out."""
+    wanted = {signal.SIGTERM, signal.SIGINT}
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, wanted)
+    try:
+        logging.getLogger(__name__).info("finished: holding until SIGTERM (--hold-when-done)")
+        signal.sigwait(wanted)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)

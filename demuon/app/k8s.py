@@ -42,8 +42,9 @@ A setting that cannot work in the pods fails here, with one line naming it (exit
 a host file (``telemetry.tls_ca``, ``workload.corpus``), a ``checkpoint.dir`` outside ``/runs``,
 ``device = "cuda"`` without ``--gpu``, a peer port past 65535.
 
-A finished peer's process exits 0 and the StatefulSet restarts it (a StatefulSet's pods always
-restart): scale it to 0 once ``kubectl logs`` or ``demuon watch`` say the run is done. The
+A StatefulSet restarts every container that exits, so a peer runs with ``--hold-when-done``: after
+its last round it stays up (``status.json`` says ``done``, the probes pass) until the pod is
+deleted; copy its results out with ``kubectl cp``, then scale to 0 or delete. The
 manifests are checked against the Kubernetes 1.37 schemas (kubernetes-validate, strict) only:
 they have not been applied to a real cluster on the development machine (none there).
 """
@@ -278,7 +279,7 @@ def peer_container(config: Config, o: K8sOptions, env: dict[str, str], secured: 
         "name": "peer",
         "image": o.image,
         "imagePullPolicy": "IfNotPresent",
-        "command": [*command, "--out", RUNS_MOUNT, "--resume-if-present"],
+        "command": [*command, "--out", RUNS_MOUNT, "--resume-if-present", "--hold-when-done"],
         "env": [{"name": "PEER_INDEX", "valueFrom": index}]
         + [{"name": k, "value": v} for k, v in env.items()],
         "ports": [{**p, "protocol": "TCP"} for p in _ports(config)],

@@ -35,6 +35,7 @@ from typing import Any, Generic, TypeVar
 import torch
 import uvloop
 
+from demuon.app.health import hold_until_signalled
 from demuon.app.peers import build_peer as build_one
 from demuon.app.peers import heir_of, leaves, membership_of, peer_setup
 from demuon.config import Config, load_config, math_fingerprint
@@ -430,4 +431,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         status = uvloop.run(run_peer(config, start, out))
     if status is DaemonStatus.LONELY:
         return EXIT_LONELY
+    if status is DaemonStatus.STOPPED and getattr(args, "hold_when_done", False):
+        hold_until_signalled()
     return 0 if status is DaemonStatus.STOPPED else 1

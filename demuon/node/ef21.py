@@ -4,7 +4,7 @@ Gruntkowska, Gaponov, Tovmasyan, Richtárik, arXiv 2510.00643 (docs/algorithms.m
 holds the iterate ``X``, the copy ``W`` every worker holds, and ``G``, the average of the workers'
 estimates; worker ``j`` holds its momentum ``M_j`` and its estimate ``G_j`` of it. Round ``k``::
 
-    server   X ← X + η_k · LMO(G)  = decoupled_decay(X) − η_k s_p ORTH(G)   (DeMuon's step, docs/algorithms.md §2.6)
+    server   X ← X + η_k · LMO(G) = decoupled_decay(X) − η_k s_p ORTH(G)  (docs/algorithms.md §2.6)
              S = C_down(X − W);  W ← W + S;  broadcast S                    (compressed model shift)
     worker j W ← W + S
              M_j ← (1 − θ) M_j + θ ∇f_j(W; ξ_{j,k})                         (at the compressed model)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -189,3 +190,26 @@ def test_status_json_is_valid_json_with_the_documented_keys(tmp_path: Path) -> N
     write_status(tmp_path, status("running"))
     keys = set(json.loads((tmp_path / STATUS).read_text()))
     assert {"peer", "state", "round", "rounds", "time", "wall_s", "max_age_s", "resumed"} <= keys
+
+
+# ---------------------------------------------------------------------------- --hold-when-done
+def test_a_held_peer_stays_up_until_sigterm_then_exits_0() -> None:
+    """``--hold-when-done`` (what a StatefulSet's pods run with): once finished, the process blocks
+    until SIGTERM and then exits 0 rather than exiting at once and being restarted. (The child
+    blocks SIGTERM before it says it is holding, so the signal cannot arrive too early.)"""
+    code = (
+        "import signal; from demuon.app.health import hold_until_signalled\n"
+        "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})\n"
+        "print('holding', flush=True); hold_until_signalled(); print('released', flush=True)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "holding"
+        assert proc.poll() is None  # still up
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0 and out.strip() == "released"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
