@@ -27,12 +27,12 @@ total_start=$SECONDS
 tags=(demuon-base:bookworm-amd64 demuon:latest demuon-mosquitto:latest)
 [[ $arm64 == 1 ]] && tags+=(demuon-base:bookworm-arm64 demuon:arm64)
 
+stage_name=''
 stage_start=0
 stage() { # stage NAME: print the previous stage's time and start a new one
-  if ((stage_start)); then echo "== $stage_name: $((SECONDS - stage_start)) s"; fi
+  [[ -z $stage_name ]] || echo "== $stage_name: $((SECONDS - stage_start)) s"
   stage_name=$1
   stage_start=$SECONDS
-  ((stage_start)) || stage_start=1
   echo "== $stage_name"
 }
 
