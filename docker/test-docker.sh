@@ -62,8 +62,11 @@ cleanup() {
     fi
   fi
   if ((started_daemon)); then
-    kill "$(cat "$state/dockerd.pid")" 2>/dev/null
-    for _ in $(seq 60); do kill -0 "$(cat "$state/dockerd.pid")" 2>/dev/null || break; sleep 0.5; done
+    local pid
+    pid=$(cat "$state/dockerd.bgpid")
+    kill "$pid" 2>/dev/null
+    for _ in $(seq 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+    kill -0 "$pid" 2>/dev/null && kill -9 "$pid"
     # containerd-shim mounts are gone with the daemon; the data-root holds only our images
     grep " $own_root" /proc/mounts | cut -d' ' -f2 | sort -r | xargs -r -n1 umount -l 2>/dev/null
     rm -rf "$own_root" /run/demuon-test-docker."$run_id"
@@ -105,11 +108,11 @@ else
     --bip 10.213.251.1/24 --default-address-pool base=10.213.128.0/17,size=24 \
     --data-root "$own_root" --exec-root /run/demuon-test-docker."$run_id" \
     --pidfile "$state/dockerd.pid" -H unix:///var/run/docker.sock >"$state/dockerd.log" 2>&1 &
-  echo $! >"$state/dockerd.pid"
+  echo $! >"$state/dockerd.bgpid"
   started_daemon=1
   for _ in $(seq 120); do
     timeout 5 docker info >/dev/null 2>&1 && break
-    kill -0 "$(cat "$state/dockerd.pid")" 2>/dev/null || break
+    kill -0 "$(cat "$state/dockerd.bgpid")" 2>/dev/null || break
     sleep 0.5
   done
   if ! timeout 5 docker info >/dev/null 2>&1; then
