@@ -70,6 +70,9 @@ cleanup() {
     # containerd-shim mounts are gone with the daemon; the data-root holds only our images
     grep " $own_root" /proc/mounts | cut -d' ' -f2 | sort -r | xargs -r -n1 umount -l 2>/dev/null
     rm -rf "$own_root" /run/demuon-test-docker."$run_id"
+    # dockerd leaves its bridge and its iptables chains and rules behind: back to what was there
+    [[ -e $state/docker0-before ]] || ip link delete docker0 2>/dev/null
+    [[ -s $state/iptables-before ]] && iptables-restore <"$state/iptables-before"
   fi
   rm -rf "$state"
   echo "== cleanup: $((SECONDS - stage_start)) s"
@@ -104,6 +107,8 @@ if timeout 20 docker info >/dev/null 2>&1; then
 else
   echo "starting dockerd (data-root $own_root)"
   mkdir -p "$own_root" /run/demuon-test-docker."$run_id"
+  ip link show docker0 >/dev/null 2>&1 && touch "$state/docker0-before"
+  if command -v iptables-save >/dev/null 2>&1; then iptables-save >"$state/iptables-before"; fi
   dockerd --storage-driver overlay2 \
     --bip 10.213.251.1/24 --default-address-pool base=10.213.128.0/17,size=24 \
     --data-root "$own_root" --exec-root /run/demuon-test-docker."$run_id" \
