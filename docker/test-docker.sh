@@ -36,10 +36,25 @@ stage() { # stage NAME: print the previous stage's time and start a new one
   echo "== $stage_name"
 }
 
+child=0
+run() { # run CMD...: CMD in a process group of its own, so that Ctrl-C reaches this script at once
+  setsid "$@" &
+  child=$!
+  local rc=0
+  wait "$child" || rc=$?
+  child=0
+  return "$rc"
+}
+
 cleanup() {
   local rc=$?
   trap - EXIT INT TERM
   set +e
+  if ((child)); then # an interrupted stage: stop it and everything it started
+    kill -TERM -- -"$child" 2>/dev/null
+    for _ in $(seq 40); do kill -0 "$child" 2>/dev/null || break; sleep 0.5; done
+    kill -KILL -- -"$child" 2>/dev/null
+  fi
   stage cleanup
   if docker info >/dev/null 2>&1; then
     # what the tests made: labelled demuon.test=<run id>, or a compose project dt<run id>...
@@ -109,7 +124,8 @@ else
   mkdir -p "$own_root" /run/demuon-test-docker."$run_id"
   ip link show docker0 >/dev/null 2>&1 && touch "$state/docker0-before"
   if command -v iptables-save >/dev/null 2>&1; then iptables-save >"$state/iptables-before"; fi
-  dockerd --storage-driver overlay2 \
+  # setsid: a Ctrl-C of the terminal must not stop the daemon before the cleanup has used it
+  setsid dockerd --storage-driver overlay2 \
     --bip 10.213.251.1/24 --default-address-pool base=10.213.128.0/17,size=24 \
     --data-root "$own_root" --exec-root /run/demuon-test-docker."$run_id" \
     --pidfile "$state/dockerd.pid" -H unix:///var/run/docker.sock >"$state/dockerd.log" 2>&1 &
@@ -130,13 +146,14 @@ docker images --format '{{.Repository}}:{{.Tag}}' >"$state/tags-before"
 docker images -aq >"$state/images-before"
 
 stage images
-ARM64=$arm64 VENV=$venv docker/images.sh
+export ARM64=$arm64 VENV=$venv
+run docker/images.sh
 
 stage tests
 args=(-m docker -p no:cacheprovider)
 [[ $arm64 == 1 ]] || args+=(--ignore=tests/docker/test_arm64.py)
 rc=0
 # shellcheck disable=SC2086 # PYTEST_ARGS: words on purpose
-"$venv/bin/python" -m pytest "${args[@]}" ${PYTEST_ARGS:-} tests/docker || rc=$?
+run "$venv/bin/python" -m pytest "${args[@]}" ${PYTEST_ARGS:-} tests/docker || rc=$?
 ((rc != 5)) || echo "no test marked docker was collected in tests/docker" >&2
 exit "$rc"
