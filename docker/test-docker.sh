@@ -52,7 +52,7 @@ cleanup() {
   set +e
   if ((child)); then # an interrupted stage: stop it and everything it started
     kill -TERM -- -"$child" 2>/dev/null
-    for _ in $(seq 40); do kill -0 "$child" 2>/dev/null || break; sleep 0.5; done
+    for _ in $(seq 40); do kill -0 -- -"$child" 2>/dev/null || break; sleep 0.5; done # its own cleanups
     kill -KILL -- -"$child" 2>/dev/null
   fi
   stage cleanup
