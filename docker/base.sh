@@ -37,9 +37,11 @@ fi
 rootfs=$(mktemp -d "${TMPDIR:-/var/tmp}/demuon-rootfs-$arch.XXXXXX")
 ctx=$rootfs.ctx
 remove() { # an interrupted debootstrap leaves /proc and /sys mounted in the rootfs
-  grep -o " $rootfs/[^ ]*" /proc/mounts | sort -r | xargs -r -n1 umount -l 2>/dev/null
+  { grep -o " $rootfs/[^ ]*" /proc/mounts || true; } | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
   rm -rf --one-file-system "$rootfs" "$ctx"
+  ((keep_log)) || rm -f "$rootfs.log"
 }
+keep_log=0
 trap remove EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
@@ -48,10 +50,10 @@ echo "base $tag: debootstrap $suite $arch (minbase + $packages)"
 if ! debootstrap --arch="$arch" --variant=minbase --include="$packages" "$suite" "$rootfs" "$mirror" \
   >"$rootfs.log" 2>&1; then
   tail -n 20 "$rootfs.log" >&2
+  keep_log=1
   echo "base $tag: debootstrap failed (log above, kept in $rootfs.log)" >&2
   exit 1
 fi
-rm -f "$rootfs.log"
 rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/* "$rootfs"/tmp/*
 # `docker build FROM scratch` rather than `docker import`: the engine (20.10) records the
 # architecture of an imported image as its own, a build with --platform records ARCH.
