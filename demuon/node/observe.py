@@ -20,9 +20,15 @@ from demuon.workloads import Workload
 def consensus_error(peers: Sequence[Peer]) -> float:
     """sqrt(Σ_params ‖stack_i(X_i − X̄)‖²): spectral norm of the stacked (N·m)×n matrix for ≥2-D
     parameters, ℓ2 for 1-D and scalars (docs/algorithms.md §2.5)."""
+    return consensus_error_of([{n: p.params[n].detach() for n in p.names} for p in peers])
+
+
+def consensus_error_of(states: Sequence[Mapping[str, torch.Tensor]]) -> float:
+    """:func:`consensus_error` of parameter sets (name → tensor, one per peer), e.g. read back
+    from ``final.pt`` files."""
     total = 0.0
-    for name in peers[0].names:
-        stack = torch.stack([p.params[name].detach().double() for p in peers])
+    for name in states[0]:
+        stack = torch.stack([s[name].double() for s in states])
         dev = stack - stack.mean(dim=0, keepdim=True)
         if dev.dim() >= 3:
             flat = dev.reshape(dev.shape[0] * dev.shape[1], -1)
