@@ -10,7 +10,6 @@ Slow (emulated torch: minutes), so ``make test-docker`` runs it only with ``ARM6
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from demuon import results
 from demuon.app import simulate
 from demuon.app.summary import launch_summary
 from demuon.config import ENV_PREFIX, load_config
+from demuon.node.observe import consensus_error_of
 from tests.docker.conftest import Docker, Images, Sandbox
 from tests.support.cluster import CONFIGS
 
@@ -37,19 +37,6 @@ SETS = (
 #: peer i's architecture: every ring link joins an amd64 and an arm64 peer
 ARCH = {0: "amd64", 1: "arm64", 2: "amd64", 3: "arm64"}
 RUN_TIMEOUT_S = 900.0
-
-
-def spread(states: list[dict[str, torch.Tensor]]) -> float:
-    """The simulator's consensus error of the peers' parameters (demuon.node.observe)."""
-    total = 0.0
-    for name in states[0]:
-        stack = torch.stack([s[name].double() for s in states])
-        dev = stack - stack.mean(dim=0, keepdim=True)
-        if dev.dim() >= 3:
-            total += float(torch.linalg.matrix_norm(dev.reshape(-1, dev.shape[-1]), ord=2)) ** 2
-        else:
-            total += float(dev.square().sum())
-    return math.sqrt(total)
 
 
 def test_two_amd64_and_two_arm64_peers_train_together_and_match_the_simulator(
@@ -109,4 +96,4 @@ def test_two_amd64_and_two_arm64_peers_train_together_and_match_the_simulator(
             assert gap <= 1e-4 * (1.0 + float(want.abs().max())), (i, ARCH[i], name, gap)
     expected = reference.cluster[-1]["consensus_error"]
     assert reference.cluster[0]["consensus_error"] > expected  # the simulator's peers draw together
-    assert spread(finals) == pytest.approx(expected, rel=1e-3, abs=1e-6)
+    assert consensus_error_of(finals) == pytest.approx(expected, rel=1e-3, abs=1e-6)

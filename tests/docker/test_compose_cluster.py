@@ -12,7 +12,6 @@ volume with ``docker cp`` (which also works on an exited container).
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import time
@@ -26,6 +25,7 @@ import torch
 from demuon import results
 from demuon.app import cli, compose, simulate
 from demuon.config import Config, load_config
+from demuon.node.observe import consensus_error_of
 from tests.docker.conftest import ComposeProject, Docker, Images
 from tests.support.cluster import CONFIGS
 
@@ -137,19 +137,6 @@ def make_cluster(
     return make
 
 
-def consensus_error(params: Sequence[dict[str, torch.Tensor]]) -> float:
-    """demuon.node.observe.consensus_error on the peers' final tensors (the same definition)."""
-    total = 0.0
-    for name in params[0]:
-        stack = torch.stack([p[name].double() for p in params])
-        dev = stack - stack.mean(dim=0, keepdim=True)
-        if dev.dim() >= 3:
-            total += float(torch.linalg.matrix_norm(dev.reshape(-1, dev.shape[-1]), ord=2)) ** 2
-        else:
-            total += float(dev.square().sum())
-    return math.sqrt(total)
-
-
 # ------------------------------------------------------------------------------------ scenarios
 
 
@@ -225,8 +212,8 @@ def test_a_peer_cut_off_its_network_for_a_while_rejoins_and_the_cluster_agrees_a
     # cut of about 60 survivor rounds: 0.97× the fault-free run's at 400 rounds (0.0195 against
     # 0.0201), 1.31× at 1500; 2× leaves room for where the cut falls. A peer that never rejoined
     # would sit off by the spread of the peers' minimisers.
-    fault_free = consensus_error(
+    fault_free = consensus_error_of(
         [{n: t.detach() for n, t in p.params.items()} for p in simulate.run(c.config).peers]
     )
-    got = consensus_error([c.final_params(i) for i in range(4)])
+    got = consensus_error_of([c.final_params(i) for i in range(4)])
     assert got <= 2.0 * fault_free, (got, fault_free)
