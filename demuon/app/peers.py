@@ -45,17 +45,16 @@ def views_of(config: Config, index: int) -> list[PeerView]:
 
 def leaves(config: Config) -> dict[int, int]:
     """``{peer: round it leaves at}`` of the fault plan's announced leaves, checked: they need
-    the exact mode and a static undirected graph that stays connected (a bad plan fails here,
+    a static undirected graph that stays connected (a bad plan fails here,
     naming the field, before anything starts)."""
     plan = {f.id: f.leave_at for f in config.faults.peer if f.leave_at is not None}
     if not plan:
         return {}
-    if not config.gossip.exact or period(config.topology, config.peers) != 1:
-        why = config.gossip.not_exact_reason() or "the topology varies with the round"
+    if period(config.topology, config.peers) != 1:
         raise ConfigError(
             "faults.peer.leave_at",
             sorted(plan.values()),
-            f"announced leaves need the identity codec in both phases and a static graph ({why})",
+            "announced leaves need a static graph (the topology varies with the round)",
         )
     if len(plan) >= config.peers:
         raise ConfigError("faults.peer.leave_at", sorted(plan), "at least one peer must stay")

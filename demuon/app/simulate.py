@@ -132,6 +132,8 @@ async def _rounds(
         for gone in sorted(i for i, r in plan.items() if r == k):  # announced leaves, as the round starts
             by_index[heir_of(config, gone)].inherit(by_index[gone].handoff())
             exchange.retire(gone)
+            for p in peers:
+                p.retire(gone)
         active = [p for p in peers if plan.get(p.index, config.rounds) > k]
         metrics = await simulate_round_async(
             active, k, exchange, keyframe_every=config.gossip.keyframe_every, eval_every=config.eval_every

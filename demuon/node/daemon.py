@@ -203,6 +203,7 @@ class Daemon:
         self._leave_requested = False
         self._leave_round: int | None = None  # the round we leave before, once a leave is asked for
         self._inherited: set[int] = set()
+        self._retired: set[int] = set()  # leavers whose replicas we dropped
         self._metrics: results.MetricsWriter | None = None
         self._closed = False
         self._signalled = False
@@ -384,6 +385,7 @@ class Daemon:
                 if planned or (self._leave_round is not None and k >= self._leave_round):
                     await self._leave(k, announce=self._leave_requested)
                     break
+                self._retire_leavers(k)
                 await self._inherit(k)
                 for j, share in self.gossip.take_handoffs().items():  # leaves announced at run time
                     await self._compute(self.peer.inherit, share)
@@ -526,6 +528,13 @@ class Daemon:
                         await self.gossip.send_handoff(k, zero, j)
         self.left_at = k
         log.info("left before round %d, tracker share handed to peer %s", k, heir)
+
+    def _retire_leavers(self, k: int) -> None:
+        """Forget the replicas of every peer that left before round ``k`` (compressed phases)."""
+        for j, r in self.membership.leaves().items():
+            if r <= k and j not in self._retired and j != self.peer.index:
+                self._retired.add(j)
+                self.peer.retire(j)
 
     async def _inherit(self, k: int) -> None:
         """Take over the shares of the neighbours that leave at or before round ``k`` (once each)."""

@@ -277,16 +277,30 @@ class Peer:
     def view(self, k: int) -> PeerView:
         """This peer's row and column of the mixing matrix in round ``k`` (after any planned
         leave, the re-weighted live graph's)."""
+        views = self._views_at(k)
+        return views[k % len(views)]
+
+    def _views_at(self, k: int) -> tuple[PeerView, ...]:
+        """The views in force in round ``k``: the topology's, or the live graph's after leaves."""
         views = self.views
         for start, later in self.schedule:
             if k >= start:
                 views = later
-        return views[k % len(views)]
+        return views
 
     def reschedule(self, schedule: Sequence[tuple[int, Sequence[PeerView]]]) -> None:
         """Set the views used from each round at which peers leave (a leave announced at run time
         adds one; rounds already mixed are not affected)."""
         self.schedule = tuple((r, tuple(vs)) for r, vs in sorted(schedule, key=lambda item: item[0]))
+
+    def retire(self, j: int) -> None:
+        """Neighbour ``j`` left for good: forget our copies of its replicas and their sums (the
+        compressed phases), so that it is neither waited for nor mixed again."""
+        for ph in list(self.hat):
+            self.hat[ph].pop(j, None)
+        for ph in list(self.R):
+            self.R[ph].pop(j, None)
+        self.stale = {(ph, i) for ph, i in self.stale if i != j}
 
     def handoff(self) -> TensorDict:
         """``V − M`` (float64): this peer's share of the trackers, for its heir when it leaves
@@ -312,7 +326,7 @@ class Peer:
         topology's period), so replicas never diverge."""
         if self.exact if phase is None else self.exact_phase[phase]:
             return self.view(k).out_neighbours
-        return tuple(sorted({j for v in self.views for j in v.out_neighbours}))
+        return tuple(sorted({j for v in self._views_at(k) for j in v.out_neighbours}))
 
     def expected_senders(self, k: int, phase: str | None = None) -> tuple[int, ...]:
         """Whose ``phase`` message this peer uses in round k (``None``: of any phase)."""
