@@ -88,9 +88,12 @@ def variants(quick: bool) -> Iterator[Variant]:
     if not quick:
         no_kf = blockq(4, 1.0, 4, 1.0)
         yield Variant(no_kf.label, no_kf.level + ", no keyframes", (*no_kf.sets, "gossip.keyframe_every=0"))
-        yield Variant(
-            "V=int8 X=blockq4", "8/4 bit, γ 1/1", (*_phase("v", "int8", 1.0), *_phase("x", "blockq", 1.0, 4))
-        )
+        for bits, gamma in ((4, 1.0), (2, 0.4), (1, 1.0)):
+            yield Variant(
+                f"V=int8 X=blockq{bits}",
+                f"8/{bits} bit, γ 1/{gamma:g}",
+                (*_phase("v", "int8", 1.0), *_phase("x", "blockq", gamma, bits)),
+            )
         yield blockq(4, 1.0, 2, 0.4)
         yield blockq(4, 1.0, 1, 1.0)
         yield blockq(2, 0.2, 2, 0.4)
