@@ -231,8 +231,9 @@ def plot(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
                 else dict(marker="o", ms=3)
             )
             ax.plot(xs, ys, label=f"{r['codec']} ({r['level']})", **style)
-        if rows and rows[0].get("target_val_loss") is not None:
-            ax.axhline(rows[0]["target_val_loss"], color="grey", ls="--", lw=0.8, label="target")
+        own = next((r for r in rows if r["graph"] == graph and r.get("target_val_loss") is not None), None)
+        if own is not None:
+            ax.axhline(own["target_val_loss"], color="grey", ls="--", lw=0.8, label="target")
         ax.set_xscale("log")
         ax.set_xlabel("MB sent per peer (log)")
         ax.set_ylabel("validation loss of the averaged model")
