@@ -94,6 +94,8 @@ def variants(quick: bool) -> Iterator[Variant]:
                 f"8/{bits} bit, γ 1/{gamma:g}",
                 (*_phase("v", "int8", 1.0), *_phase("x", "blockq", gamma, bits)),
             )
+        best = (*_phase("v", "int8", 1.0), *_phase("x", "blockq", 1.0, 1), "gossip.keyframe_every=0")
+        yield Variant("V=int8 X=blockq1", "8/1 bit, γ 1/1, no keyframes", best)
         yield blockq(4, 1.0, 2, 0.4)
         yield blockq(4, 1.0, 1, 1.0)
         yield blockq(2, 0.2, 2, 0.4)
