@@ -52,8 +52,12 @@ SETTINGS: tuple[tuple[str, tuple[str, ...]], ...] = (
         ("gossip.v.codec={kind = 'int8'}", "gossip.x.codec={kind = 'int8'}"),
     ),
     (
-        "V=blockq4 X=blockq4",
-        ("gossip.v.codec={kind = 'blockq', bits = 4}", "gossip.x.codec={kind = 'blockq', bits = 4}"),
+        "V=int8 X=blockq1, no keyframes",
+        (
+            "gossip.v.codec={kind = 'int8'}",
+            "gossip.x.codec={kind = 'blockq', bits = 1}",
+            "gossip.keyframe_every=0",
+        ),
     ),
 )
 TARGET_AT = 0.8
@@ -165,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     with as_file(files("demuon.configs") / "demo-simulate.toml") as config:
         for rate in rates:
             for label, sets in SETTINGS:
-                out = args.out / f"{rate}-{label.replace(' ', '_').replace('=', '')}"
+                out = args.out / f"{rate}-{label.replace(' ', '_').replace('=', '').replace(',', '')}"
                 console.print(f"{rate}: {label} …")
                 wall = run_one(config, out, args.peers, args.rounds, rate, sets)
                 summary = json.loads((out / "summary.json").read_text())
