@@ -611,6 +611,12 @@ class NetworkConfig(Frozen):
         description="stop: checkpoint and exit (resume later); leave: hand the tracker share to a "
         "neighbour, tell the others, exit for good",
     )
+    resend_s: float = Field(
+        default=1.0,
+        ge=0.0,
+        description="a wait this long sends the last messages again, then after 2×, 4× … as long "
+        "(0 = never); on slow links set it above the time a round's messages take to send",
+    )
     leave_notice_rounds: int = Field(
         default=3,
         ge=0,

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
+import pytest
 import torch
 
 from demuon.app import simulate
@@ -237,3 +238,15 @@ async def test_over_a_link_that_may_reorder_only_two_rounds_ahead_prove_a_loss()
         g.mailbox.latest.update({1: 1, 2: 1})  # a held-back round-0 message may still come
         _, stats = await one_phase(g, 0, "V")
     assert stats.missing == (1, 2) and stats.waited_s >= stats.deadline_s
+
+
+@pytest.mark.parametrize(("resend_s", "most", "least"), [(0.1, 3, 1), (0.0, 0, 0)])
+async def test_resends_back_off_within_a_wait(resend_s: float, most: int, least: int) -> None:
+    """A wait of 1 s for silent neighbours resends after 0.1, 0.3 and 0.7 s (the gap doubles), not
+    every 0.1 s: on a link slower than a round's messages, fixed-interval copies would queue up
+    faster than the link drains them. ``resend_s = 0`` never resends. (A loaded machine can only
+    delay a resend, which delays the later ones: never more than the schedule's count.)"""
+    config = ring3(phase_timeout_s=1.0, start_timeout_s=1.0, resend_s=resend_s)
+    async with cluster(config, [0]) as gossips:
+        _, stats = await one_phase(gossips[0], 0, "V")
+    assert least <= stats.resends <= most
