@@ -18,7 +18,8 @@ validation loss of the averaged model (``summary.json``).
 
 Writes ``edge.png`` (validation loss against seconds, one panel per rate) and ``edge.json``.
 On 2 CPU cores the peers share the cores, so compute also limits the rounds; the uncompressed
-run at 10 Mbit/s is the long one (about 3.3 MB per peer per round on the 4-peer ring).
+run at 10 Mbit/s is the long one (about 3.3 MB per peer per round on the 4-peer ring). Resends
+are set to start after 30 s (``network.resend_s``, see ``RESEND_S``).
 """
 
 from __future__ import annotations
@@ -61,6 +62,10 @@ SETTINGS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ),
 )
 TARGET_AT = 0.8
+#: network.resend_s on these links: above the time a round's messages take to send (3.3 MB per peer
+#: per round uncompressed, 2.6 s at 10 Mbit/s). With the default 1 s, resends of copies the slow
+#: link is still sending queue up faster than it drains them (measured: round 3 at 22 s, 6 resends).
+RESEND_S = 30.0
 
 
 def run_one(config: Path, out: Path, peers: int, rounds: int, rate: str, sets: Sequence[str]) -> float:
@@ -71,6 +76,7 @@ def run_one(config: Path, out: Path, peers: int, rounds: int, rate: str, sets: S
         "--every", str(every), "--set", f"peers={peers}", "--set", f"rounds={rounds}",
         "--set", f"eval_every={every}", "--set", "threads=1", "--set", "security.enabled=false",
         "--set", "network.phase_timeout_s=120.0", "--set", "network.start_timeout_s=120.0",
+        "--set", f"network.resend_s={RESEND_S}",
         *(x for s in sets for x in ("--set", s)),
         *(x for i in range(peers) for x in ("--rate", f"{i}={rate}")),
     ]  # fmt: skip
