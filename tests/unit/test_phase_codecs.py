@@ -16,7 +16,7 @@ import torch
 
 from demuon.app import simulate
 from demuon.app.peers import build_peers
-from demuon.config import Config, config_from_dict, load_config, math_fingerprint
+from demuon.config import RUN_LOCAL_FIELDS, Config, config_from_dict, load_config, math_fingerprint
 from demuon.errors import ConfigError
 from demuon.node.exchange import ExactExchange, PeerSide
 from demuon.node.rounds import Delivery, run_round
@@ -90,16 +90,7 @@ def test_a_leave_is_carried_out_when_one_phase_is_compressed() -> None:
 def test_the_fingerprint_is_unchanged_without_overrides_and_sees_them() -> None:
     plain = quadratic({"codec": INT8})
     data = plain.model_dump(mode="json")
-    for key in (
-        "checkpoint",
-        "network",
-        "telemetry",
-        "security",
-        "threads",
-        "device",
-        "eval_every",
-        "faults",
-    ):
+    for key in RUN_LOCAL_FIELDS:
         data.pop(key)
     del data["gossip"]["v"], data["gossip"]["x"]
     assert math_fingerprint(plain) == hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
