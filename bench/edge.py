@@ -43,6 +43,8 @@ import matplotlib.pyplot as plt
 from rich.console import Console
 from rich.table import Table
 
+from demuon import results
+
 console = Console(stderr=True)
 
 #: (label, --set overrides): uncompressed and the settings bench/compression.py measured best.
@@ -90,22 +92,15 @@ def run_one(config: Path, out: Path, peers: int, rounds: int, rate: str, sets: S
 def curve(out: Path, peers: int) -> list[tuple[int, float, float, float]]:
     """(round, seconds so far, MB per peer so far, mean per-peer validation loss) at each
     evaluation round: seconds = the slowest peer's summed ``t_round``."""
-    rows = {
-        i: [
-            json.loads(line)
-            for line in (out / f"peer-{i}" / "metrics.jsonl").read_text().splitlines()
-            if line
-        ]
-        for i in range(peers)
-    }
+    rows = results.read_per_peer(out)
     n = min(len(r) for r in rows.values())
     points, t, sent = [], [0.0] * peers, 0.0
     for k in range(n):
         for i in range(peers):
             t[i] += float(rows[i][k]["t_round"])
         sent += sum(float(rows[i][k]["bytes_out"]) for i in range(peers)) / peers
-        vals = [rows[i][k].get("val_loss") for i in range(peers)]
-        if all(v is not None for v in vals):
+        vals = [float(v) for i in range(peers) if (v := rows[i][k].get("val_loss")) is not None]
+        if len(vals) == peers:
             points.append((k, max(t), sent / 1e6, sum(vals) / peers))
     return points
 

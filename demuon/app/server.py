@@ -29,9 +29,9 @@ from demuon.app.simulate import ProgressHook, SimulationResult
 from demuon.app.summary import config_fields
 from demuon.config import Config
 from demuon.node import ef21, optim
+from demuon.node.exchange import wire_size
 from demuon.node.newton_schulz import route_for
 from demuon.node.peer import codec_seed, ns_dtype_for
-from demuon.transport import wire
 from demuon.transport.codecs import Codec, Encoded, make_codec
 from demuon.workloads import make_workload
 
@@ -39,9 +39,8 @@ SERVER = -1  # the server's id in codec seeds (workers are 0 … n − 1)
 
 
 def message_bytes(sender: int, k: int, phase: str, codec: Codec, encoded: Mapping[str, Encoded]) -> int:
-    """The size of one message on the wire, header included (what the daemon would send)."""
-    frames = wire.encode(sender=max(sender, 0), round=k, phase=phase, codec=codec.kind, tensors=encoded)
-    return sum(memoryview(f).nbytes for f in frames)
+    """The size of one message on the wire, header included (the server, id −1, as sender 0)."""
+    return wire_size(max(sender, 0), k, phase, codec.kind, encoded)
 
 
 def _norm(T: Mapping[str, torch.Tensor]) -> float:

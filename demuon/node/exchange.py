@@ -69,10 +69,14 @@ class Posted:
 
 def message_size(peer: Peer, k: int, phase: str, encoded: Mapping[str, Encoded], keyframe: bool) -> int:
     """Bytes of the wire message peer ``peer`` sends for ``(k, phase)`` (header included)."""
-    codec = peer.wire_codec(phase, keyframe)
-    frames = wire.encode(
-        sender=peer.index, round=k, phase=phase, codec=codec, tensors=encoded, keyframe=keyframe
-    )
+    return wire_size(peer.index, k, phase, peer.wire_codec(phase, keyframe), encoded, keyframe=keyframe)
+
+
+def wire_size(
+    sender: int, k: int, phase: str, codec: str, encoded: Mapping[str, Encoded], *, keyframe: bool = False
+) -> int:
+    """Bytes of one wire message (all frames, header included), as the daemon would send it."""
+    frames = wire.encode(sender=sender, round=k, phase=phase, codec=codec, tensors=encoded, keyframe=keyframe)
     return sum(memoryview(f).nbytes for f in frames)
 
 
