@@ -51,9 +51,9 @@ def compress(D: Mapping[str, torch.Tensor], codec: Codec, seeds: Sequence[int]) 
     return Shift(encoded, value)
 
 
-def add(A: Mapping[str, torch.Tensor], B: Mapping[str, torch.Tensor], scale: float = 1.0) -> TensorDict:
-    """``A + scale·B`` per tensor."""
-    return {n: A[n] + scale * B[n] for n in A}
+def add(A: Mapping[str, torch.Tensor], B: Mapping[str, torch.Tensor]) -> TensorDict:
+    """``A + B`` per tensor."""
+    return {n: A[n] + B[n] for n in A}
 
 
 def diff(A: Mapping[str, torch.Tensor], B: Mapping[str, torch.Tensor]) -> TensorDict:
@@ -90,8 +90,4 @@ def server_estimate(
     G: Mapping[str, torch.Tensor], shifts: Sequence[Mapping[str, torch.Tensor]]
 ) -> TensorDict:
     """``G + (1/n) Σ_j R_j``, summed in worker order (deterministic)."""
-    n = len(shifts)
-    total = {name: torch.zeros_like(g) for name, g in G.items()}
-    for R in shifts:
-        total = add(total, R)
-    return {name: G[name] + total[name] / n for name in G}
+    return optim.mix_dicts([(1.0, G), *((1.0 / len(shifts), R) for R in shifts)])

@@ -73,9 +73,11 @@ class Membership:
     def learn(self, heard: Mapping[int, int], k: int) -> bool:
         """Take in notices heard from neighbours before round ``k`` starts. True if anything new
         (then :meth:`schedule`, :meth:`inherits` and :meth:`notices` changed)."""
+        if self.W is None:
+            return False
         new = False
         for j, r in sorted(heard.items()):
-            if j in self.planned or self.announced.get(j) == r or self.W is None:
+            if j in self.planned or self.announced.get(j) == r:
                 continue
             if not 0 <= j < self.W.shape[0] or j == self.index:
                 continue  # not one of the peers, or our own notice echoed back
