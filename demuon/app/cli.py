@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -58,13 +59,17 @@ def _positive_int(text: str) -> int:
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows ``(default: …)`` for every option that has a default worth showing."""
+    """Shows ``(default: …)`` for every option that has a default worth showing, and never wraps
+    a line inside a hyphenated word (an image name such as ``demuon-mosquitto:latest``)."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
         if action.default in (None, False, [], argparse.SUPPRESS) or "%(default)" in text:
             return text
         return super()._get_help_string(action)
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
 
 def _launch_options(la: argparse.ArgumentParser) -> None:

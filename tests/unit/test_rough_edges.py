@@ -347,7 +347,7 @@ def test_version_and_every_help_shows_its_defaults(capsys: pytest.CaptureFixture
     checked = 0
     while parsers:
         parser = parsers.pop()
-        text = " ".join(parser.format_help().split()).replace("- ", "-")  # argparse wraps at hyphens
+        text = " ".join(parser.format_help().split())
         for action in parser._actions:
             if isinstance(action, argparse._SubParsersAction):
                 parsers += list(action.choices.values())
