@@ -13,12 +13,13 @@ row's; ``val_loss_delta_pct`` is the final validation loss against the uncompres
 Variants (``V=…`` is the tracker message's codec, ``X=…`` the parameter message's, each with its γ;
 block-wise quantisation ``blockq`` at 4, 2 and 1 bit with a float32 scale per 256 values,
 docs/algorithms.md §7): int8 on both; blockq at each width on both; mixed widths; the 4-bit run
-also without keyframes (``keyframe_every = 0``: no losses here, so no replica to repair); and
+also without keyframes (``keyframe_every = 0``: no losses here, so no replica to repair); int8
+trackers with their codes DEFLATE-compressed (lossless); and
 EF21-Muon (``demuon simulate --server``: the same peers as workers of one server, uplink =
 V codec, downlink = X codec; its bytes are a worker's uplink plus downlink).
 
     python bench/compression.py [--rounds 150] [--graphs ring,directed_exponential] [--quick]
-                                [--out runs/bench-compression] [--json]
+                                [--only LABELS] [--out runs/bench-compression] [--json]
 
 Writes ``compression.png`` (validation loss against MB per peer) and ``compression.json`` under
 ``--out``. ``--quick``: 30 rounds, the ring, four variants (a smoke run). A full run is about
@@ -96,6 +97,14 @@ def variants(quick: bool) -> Iterator[Variant]:
             )
         best = (*_phase("v", "int8", 1.0), *_phase("x", "blockq", 1.0, 1), "gossip.keyframe_every=0")
         yield Variant("V=int8 X=blockq1", "8/1 bit, γ 1/1, no keyframes", best)
+        deflated = ("gossip.v.codec={kind = 'int8', deflate = true}", "gossip.v.gamma=1.0")
+        x1 = _phase("x", "blockq", 1.0, 1)
+        yield Variant("V=int8+deflate X=blockq1", "8/1 bit, γ 1/1", (*deflated, *x1))
+        yield Variant(
+            "V=int8+deflate X=blockq1",
+            "8/1 bit, γ 1/1, no keyframes",
+            (*deflated, *x1, "gossip.keyframe_every=0"),
+        )
         yield blockq(4, 1.0, 2, 0.4)
         yield blockq(4, 1.0, 1, 1.0)
         yield blockq(2, 0.2, 2, 0.4)
@@ -252,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=150)
     ap.add_argument("--graphs", default=",".join(GRAPHS), help="comma-separated topologies")
     ap.add_argument("--no-server", action="store_true", help="leave out the EF21-Muon rows")
+    ap.add_argument(
+        "--only", default="", help="comma-separated substrings of the codec labels to run (plus the seeds)"
+    )
     ap.add_argument("--quick", action="store_true", help="30 rounds, the ring, a few variants (smoke run)")
     ap.add_argument("--out", type=Path, default=Path("runs/bench-compression"))
     ap.add_argument("--json", action="store_true", help="print {'rows': [...]} as JSON instead of the table")
@@ -264,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [(v, g) for g in graphs for v in variants(args.quick)]
     if not args.no_server and "ring" in graphs:
         jobs += [(v, "ring") for v in server_variants(args.quick)]
+    if args.only:  # the uncompressed seeds always run: they set the target
+        jobs = [(v, g) for v, g in jobs if v.uncompressed or any(o in v.label for o in args.only.split(","))]
     rows: list[dict[str, Any]] = []
     with as_file(files("demuon.configs") / "demo-simulate.toml") as base:
         for i, (variant, graph) in enumerate(jobs, 1):

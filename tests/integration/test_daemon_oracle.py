@@ -94,14 +94,18 @@ async def test_with_top_k_compression_the_daemons_keep_mean_v_equal_to_mean_m_at
         assert [r["bytes_out"] for r in rows[i]] == [r["bytes_out"] for r in reference.per_peer[i]]
 
 
+@pytest.mark.parametrize(
+    "v_codec", ["{kind='int8'}", "{kind='int8', deflate=true}"], ids=["int8", "deflated"]
+)
 async def test_with_a_codec_per_phase_the_daemons_equal_the_simulator_and_send_its_bytes(
-    tmp_path: Path,
+    tmp_path: Path, v_codec: str
 ) -> None:
-    """V int8, X 4-bit blocks, a keyframe every 3 rounds: the daemons end with the simulator's
-    parameters bitwise, and every peer sends the bytes the simulator counts, round by round and per
-    phase (headers and keyframes included), so both summaries report the same bytes per peer."""
+    """V int8 (its codes deflated or not), X 4-bit blocks, a keyframe every 3 rounds: the daemons
+    end with the simulator's parameters bitwise, and every peer sends the bytes the simulator
+    counts, round by round and per phase (headers and keyframes included), so both summaries report
+    the same bytes per peer."""
     sets = (
-        "gossip.v.codec={kind='int8'}",
+        f"gossip.v.codec={v_codec}",
         "gossip.x.codec={kind='blockq', bits=4}",
         "gossip.keyframe_every=3",
     )

@@ -35,6 +35,7 @@ CODECS: list[Codec] = [
     Natural(),
     Int8(),
     Int8(per_row=True),
+    Int8(deflate=True),
     BlockQuant(4),
     BlockQuant(2, 8, stochastic=True),
     BlockQuant(1),

@@ -39,6 +39,8 @@ CODECS: list[Codec] = [
     Natural(),
     Int8(),
     Int8(per_row=True),
+    Int8(deflate=True),
+    Int8(per_row=True, deflate=True),
 ]
 SHAPES = [(), (0,), (1,), (7,), (5, 6), (3, 4, 5), (0, 3), (40, 24)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float64]
@@ -116,6 +118,7 @@ def test_identity_is_zero_copy_for_contiguous_cpu_tensors_and_copies_otherwise()
         (config.RankKCodec(rank=8, power_iters=1), RankK(8, 1)),
         (config.NaturalCodec(), Natural()),
         (config.Int8Codec(per_row=True), Int8(per_row=True)),
+        (config.Int8Codec(deflate=True), Int8(deflate=True)),
     ],
 )
 def test_make_codec_builds_the_codec_the_config_names(cfg: config.CodecConfig, expected: Codec) -> None:
@@ -397,6 +400,55 @@ def test_int8_single_draw_is_within_one_step() -> None:
     assert float((y - x).abs().max()) <= float(x.abs().max()) / 127 * (1 + 1e-6)
 
 
+@pytest.mark.parametrize("per_row", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_deflated_int8_decodes_to_exactly_the_int8_values(per_row: bool, shape: tuple[int, ...]) -> None:
+    x = torch.randn(shape, dtype=torch.float64)
+    plain, packed = Int8(per_row=per_row), Int8(per_row=per_row, deflate=True)
+    for seed in (0, 7):
+        enc = packed.encode(x, seed=seed)
+        assert torch.equal(roundtrip(plain, x, seed), packed.decode(enc, shape, x.dtype))
+        assert enc.meta == {"n": enc.buffers[0].numel()} and enc.buffers[0].dtype == torch.uint8
+        assert enc.buffers[0].numel() <= kernels.deflate_bound(x.numel())
+
+
+def test_deflate_shrinks_codes_that_crowd_near_zero_and_is_lossless_on_any_bytes() -> None:
+    gen = torch.Generator().manual_seed(3)
+    heavy = torch.randn(64, 256, generator=gen) * torch.rand(64, 1, generator=gen).pow(
+        4
+    )  # rows of mixed scale
+    plain, packed = Int8().encode(heavy, seed=1), Int8(deflate=True).encode(heavy, seed=1)
+    assert packed.nbytes < 0.7 * plain.nbytes
+    noise = torch.randint(0, 256, (5000,), dtype=torch.uint8, generator=gen)  # incompressible
+    squeezed = kernels.deflate(noise)
+    assert noise.numel() < squeezed.numel() <= kernels.deflate_bound(noise.numel())
+    back = kernels.inflate(squeezed, noise.numel())
+    assert back is not None and torch.equal(back, noise)
+
+
+def test_a_deflated_payload_that_does_not_inflate_to_the_tensor_is_rejected() -> None:
+    codec, x = Int8(deflate=True), torch.randn(40, 24)
+    enc = codec.encode(x, seed=2)
+    packed, scale = enc.buffers
+    longer = kernels.deflate(torch.zeros(x.numel() + 1, dtype=torch.uint8))
+    shorter = kernels.deflate(torch.zeros(x.numel() - 1, dtype=torch.uint8))
+    bad = {
+        "truncated": packed[:-3],
+        "trailing bytes": torch.cat((packed, torch.tensor([1, 2], dtype=torch.uint8))),
+        "one byte too many": longer,
+        "one byte too few": shorter,
+        "not deflate": torch.full((50,), 255, dtype=torch.uint8),
+    }
+    for what, payload in bad.items():
+        with pytest.raises(BadPayload, match="inflate") as info:
+            codec.decode(
+                Encoded((payload, scale), {"n": payload.numel()}, (40, 24), torch.float32),
+                (40, 24),
+                torch.float32,
+            )
+        assert info.value.expected == x.numel(), what
+
+
 # --------------------------------------------------------------------------- meta checks
 
 
@@ -416,6 +468,10 @@ def test_int8_single_draw_is_within_one_step() -> None:
         (RankK(2), (10,), {"rank": 1}),
         (Identity(), (3,), {"k": 1}),
         (Natural(), (3,), {"seed": 1}),
+        (Int8(deflate=True), (10,), {}),
+        (Int8(deflate=True), (10,), {"n": -1}),
+        (Int8(deflate=True), (10,), {"n": kernels.deflate_bound(10) + 1}),
+        (Int8(), (10,), {"n": 4}),
     ],
 )
 def test_expected_buffers_rejects_bad_meta(

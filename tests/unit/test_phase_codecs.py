@@ -122,10 +122,11 @@ def test_one_codec_given_per_phase_equals_the_shared_codec_bitwise() -> None:
     "gossip",
     [
         {"v": {"codec": INT8}, "x": {"codec": BLOCKQ4}},
+        {"v": {"codec": {"kind": "int8", "deflate": True}}, "x": {"codec": {"kind": "blockq", "bits": 1}}},
         {"x": {"codec": BLOCKQ4}, "keyframe_every": 3},  # V exact (running sums), X compressed
         {"v": {"codec": {"kind": "blockq", "bits": 2}, "gamma": 0.4}, "keyframe_every": 3},  # the reverse
     ],
-    ids=["int8-blockq4", "exact-blockq4", "blockq2-exact"],
+    ids=["int8-blockq4", "int8deflate-blockq1", "exact-blockq4", "blockq2-exact"],
 )
 def test_mixed_phases_keep_mean_v_equal_to_mean_m_and_replicas_consistent(gossip: dict[str, Any]) -> None:
     res = simulate.run(quadratic(gossip, rounds=20))

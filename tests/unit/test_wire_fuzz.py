@@ -145,6 +145,7 @@ NAN_CODECS: list[Codec] = [
     TopK(0.2),
     Natural(),
     Int8(),
+    Int8(deflate=True),
 ]
 
 
