@@ -30,6 +30,10 @@ of one output byte as one little-endian integer and folding its fields together 
 (unpacking shifts them apart and sign-extends with an arithmetic shift), 1-bit codes with NumPy's
 ``packbits``. Decoding is elementwise.
 
+**DEFLATE** (zlib, raw stream) packs int8 codes losslessly when they crowd near zero (a grid
+scaled by the largest entry of a heavy-tailed tensor); :func:`inflate` stops after ``n + 1`` bytes,
+so a hostile stream cannot allocate more than the tensor it claims to be.
+
 **Low rank**: a seeded randomized SVD (range finder with power iterations), and the product
 ``P Qᵀ`` summed one outer product at a time with elementwise ops, so decoding gives the same bits
 on every machine (BLAS results can depend on the CPU and the thread count).
@@ -416,14 +420,15 @@ def _stochastic_grid(
     step = top.div_(levels)
     divisor = torch.where(step == 0, 1.0, step)
     energy = norm.div_(divisor).square_()  # Σ y²
-    var = torch.empty_like(step)
+    total, root = torch.empty_like(step), torch.empty_like(step)  # Σ f and ‖f‖ per block
     for (rows, A, u, y, t), out in _chunks(xp, d, block, codes):
         _fill_draws(gen, u, levels + 1)
         torch.div(A, divisor[rows, None], out=y)
         frac = torch.frac(y, out=t).abs_()
-        torch.sum(frac, dim=1, out=var[rows])
-        var[rows] -= torch.linalg.vector_norm(frac, dim=1).square_()  # Σ f − Σ f² = Σ f(1 − f)
+        torch.sum(frac, dim=1, out=total[rows])
+        torch.linalg.vector_norm(frac, dim=1, out=root[rows])
         out.copy_(y.add_(u, alpha=2.0**-16))
+    var = total.sub_(root.square_())  # Σ f − Σ f² = Σ f(1 − f)
     return torch.where(energy > 0, step * energy / (energy + var), step)
 
 
