@@ -62,6 +62,14 @@ SETTINGS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "gossip.keyframe_every=0",
         ),
     ),
+    (
+        "V=int8+deflate X=blockq1, no keyframes",
+        (
+            "gossip.v.codec={kind = 'int8', deflate = true}",
+            "gossip.x.codec={kind = 'blockq', bits = 1}",
+            "gossip.keyframe_every=0",
+        ),
+    ),
 )
 TARGET_AT = 0.8
 #: network.resend_s on these links: above the time a round's messages take to send (3.3 MB per peer
