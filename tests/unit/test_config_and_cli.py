@@ -72,6 +72,25 @@ def test_per_algorithm_overrides_apply_only_to_that_algorithm(tiny: Path) -> Non
     assert config.for_algorithm("gt_nsgdm").algorithm.lr == 0.05
 
 
+SHIPPED = sorted(p.name for p in (Path(__file__).parents[2] / "demuon" / "configs").glob("*.toml"))
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_config_loads_and_says_what_it_is(name: str) -> None:
+    path = Path(__file__).parents[2] / "demuon" / "configs" / name
+    config = load_config(path, [])
+    assert config.peers >= 2 and config.rounds >= 1
+    assert path.read_text().startswith("#"), f"{name} opens without a comment saying what it is for"
+
+
+def test_the_edge_config_uses_the_measured_best_codecs() -> None:
+    config = load_config(Path(__file__).parents[2] / "demuon" / "configs" / "edge-lowbit.toml", [])
+    v, x = config.gossip.codec_for("V"), config.gossip.codec_for("X")
+    assert (v.kind, getattr(v, "deflate", None)) == ("int8", True)
+    assert (x.kind, getattr(x, "bits", None)) == ("blockq", 1)
+    assert config.gossip.keyframe_every > 0 and config.network.resend_s >= 30  # lossy, slow links
+
+
 def test_a_missing_config_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         load_config(tmp_path / "nope.toml")
