@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DEMO_OUT ?= runs/demo
 
-.PHONY: demo test test-slow lint typecheck bench broker netns-tools deploy-tools clean setup \
+.PHONY: demo test test-slow lint typecheck bench broker netns-tools deploy-tools cc clean setup \
 	image image-arm64 wheels test-docker test-docker-arm64
 
 setup: $(STAMP)
@@ -29,6 +29,13 @@ netns-tools:
 	@{ command -v /usr/sbin/ip && command -v /usr/sbin/tc && command -v iptables; } >/dev/null 2>&1 || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 iptables >/dev/null; }
 
+# The C compiler that builds the stochastic block quantization kernel on first use
+# (demuon/transport/native.py; without one the torch path runs, and the tests of the native path
+# need it).
+cc:
+	@command -v cc >/dev/null 2>&1 || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc libc6-dev >/dev/null; }
+
 # What the deploy tests check generated files with: Debian's docker-compose (Compose v1) runs
 # `docker-compose config` on the files `demuon compose` writes (no engine needed for that).
 deploy-tools:
@@ -47,10 +54,10 @@ typecheck: $(STAMP)
 
 # Two pytest workers: the multi-process tests mostly wait (process start, deadlines) while the
 # other worker runs unit tests. Tests marked slow run sequentially in `make test-slow`.
-test: $(STAMP) broker netns-tools deploy-tools lint typecheck
+test: $(STAMP) broker netns-tools deploy-tools cc lint typecheck
 	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist worksteal
 
-test-slow: $(STAMP) broker netns-tools
+test-slow: $(STAMP) broker netns-tools cc
 	$(PY) -m pytest -q -p no:cacheprovider -m slow
 
 # Container images without a registry (docker/images.sh): the wheelhouse build/wheels-amd64 and the

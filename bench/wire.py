@@ -48,7 +48,7 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from demuon.transport import wire  # noqa: E402
+from demuon.transport import native, wire  # noqa: E402
 from demuon.transport.codecs import (  # noqa: E402
     BlockQuant,
     Cast,
@@ -311,9 +311,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     rows = asyncio.run(transfer_rows(args.quick, repeats, console))
     codecs = codec_rows(args.quick, console)
+    console.log(f"stochastic block quantization: {native.status()}")
     console.log(f"done in {time.perf_counter() - started:.0f} s")
     if args.json:
-        print(json.dumps({"rows": rows, "codecs": codecs}, indent=2))
+        print(json.dumps({"rows": rows, "codecs": codecs, "native": native.status()}, indent=2))
     else:
         show(rows, codecs, Console())
     return 0

@@ -1,0 +1,109 @@
+/* Stochastic block quantization in one pass per block (see demuon/transport/kernels.py,
+ * _stochastic_grid, for the rules; demuon/transport/native.py builds and loads this file).
+ *
+ * The same arithmetic as the torch path, entry by entry: y = x / divisor (float32), the draws of
+ * NumPy's SFC64 stream read as little-endian int16 lanes, u = k + 2^15 + 1/2 + 2^16 (L + 1)
+ * (exact), and the code plus L + 1 is the truncation of y + u * 2^-16 (a product by a power of two
+ * is exact, so there is one rounding, as in torch's add with alpha). The codes are therefore the
+ * torch path's bit for bit; the per-block sums are taken in double here, so a scale can differ from
+ * the torch path's in its last bits. Compile without fast-math or FP contraction. */
+#include <math.h>
+#include <stdint.h>
+
+static inline uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
+
+/* NumPy's SFC64 (numpy/random/src/sfc64): state a, b, c, counter. */
+static inline uint64_t sfc64_next(uint64_t *s) {
+    const uint64_t tmp = s[0] + s[1] + s[3]++;
+    s[0] = s[1] ^ (s[1] >> 11);
+    s[1] = s[2] + (s[2] << 3);
+    s[2] = rotl(s[2], 24) + tmp;
+    return tmp;
+}
+
+void demuon_sfc64_fill(uint64_t *state, uint64_t *out, int64_t n) {
+    for (int64_t i = 0; i < n; i++) out[i] = sfc64_next(state);
+}
+
+/* GCC / Clang vector extensions: eight lanes (two SSE2 or NEON registers without any -m flag, one
+ * AVX2 register in the AVX2 clone), the same IEEE operations lane by lane as scalar code. */
+#define W 8 /* lanes */
+typedef float v4f __attribute__((vector_size(4 * W)));
+typedef int32_t v4i __attribute__((vector_size(4 * W)));
+typedef int16_t v4h __attribute__((vector_size(2 * W)));
+typedef int8_t v4b __attribute__((vector_size(W)));
+
+/* On x86-64 an AVX2 clone is picked at load time where the CPU has it (GCC's ifunc dispatch). */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define CLONES
+#endif
+
+#define MAX_BLOCK 65536
+
+/* Macros, not functions: a vector passed by value would change the ABI between the clones. */
+#define LOAD(v, p) __builtin_memcpy(&(v), (p), sizeof(v))
+#define FABS(v) ((v4f)((v4i)(v) & 0x7fffffff))
+
+/* x: n float32 (n a multiple of 8, zero-padded), blocks of `block` entries (a multiple of 8, at
+ * most MAX_BLOCK; the last one holds the rest); codes: n int8, each code + levels + 1; scales: one
+ * float32 per block. Returns 0, or -1 for a block size it does not take. */
+CLONES int demuon_stochastic_grid(const float *x, int64_t n, int64_t block, int32_t levels, uint64_t *state,
+                           int8_t *codes, float *scales) {
+    static _Thread_local int16_t draws[MAX_BLOCK];
+    if (block <= 0 || block > MAX_BLOCK || block % 8 || n % 8) return -1;
+    const float offset = 32768.5f + 65536.0f * (float)(levels + 1);
+    int64_t index = 0;
+    for (int64_t start = 0; start < n; start += block, index++) {
+        const int64_t len = (n - start < block) ? n - start : block;
+        const float *b = x + start;
+        int8_t *out = codes + start;
+        v4f top = {0};
+        v4i nan = {0};
+        for (int64_t i = 0; i < len; i += W) {
+            v4f a;
+            LOAD(a, b + i);
+            a = FABS(a);
+            nan |= (a != a);
+            const v4i more = (a > top);
+            top = (v4f)((more & (v4i)a) | (~more & (v4i)top));
+        }
+        float peak = 0.0f;
+        int any_nan = 0;
+        for (int l = 0; l < W; l++) {
+            peak = (top[l] > peak) ? top[l] : peak;
+            any_nan |= nan[l];
+        }
+        for (int64_t j = 0; j < len / 4; j++) { /* the stream's 16-bit lanes, little-endian */
+            const uint64_t w = sfc64_next(state);
+            __builtin_memcpy(draws + 4 * j, &w, sizeof w);
+        }
+        const float step = any_nan ? NAN : peak / (float)levels;
+        const float divisor = (step == 0.0f) ? 1.0f : step;
+        const v4f d = divisor - (v4f){0}; /* broadcast */
+        v4f energy = {0}, total = {0}, squares = {0};
+        for (int64_t i = 0; i < len; i += W) {
+            v4f xi;
+            LOAD(xi, b + i);
+            const v4f y = xi / d;
+            const v4f f = FABS(y - __builtin_convertvector(__builtin_convertvector(y, v4i), v4f));
+            energy += y * y;
+            total += f;
+            squares += f * f;
+            v4h k;
+            LOAD(k, draws + i);
+            const v4f u = __builtin_convertvector(__builtin_convertvector(k, v4i), v4f) + offset;
+            const v4i c = __builtin_convertvector(y + u * 0x1p-16f, v4i); /* truncation = floor: > 0 */
+            const v4b code = __builtin_convertvector(c, v4b);
+            __builtin_memcpy(out + i, &code, sizeof code);
+        }
+        double e = 0.0, var = 0.0;
+        for (int l = 0; l < W; l++) {
+            e += energy[l];
+            var += (double)total[l] - (double)squares[l];
+        }
+        scales[index] = (e > 0.0) ? (float)((double)step * e / (e + var)) : step;
+    }
+    return 0;
+}
