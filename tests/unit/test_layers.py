@@ -24,6 +24,7 @@ LAYERS: dict[str, int] = {
     "demuon.transport.wire_errors": 2,
     "demuon.transport.codecs": 2,
     "demuon.transport.kernels": 2,
+    "demuon.transport.native": 2,
     "demuon.node.optim": 2,
     "demuon.node.newton_schulz": 2,
     "demuon.node.algorithms": 2,
