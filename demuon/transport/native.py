@@ -62,13 +62,13 @@ def _load() -> ctypes.CDLL | None:
     if os.environ.get("DEMUON_NATIVE", "1") == "0":
         _state["why"] = "off (DEMUON_NATIVE=0)"
         return None
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
-    target = cache_dir() / f"blockq-{digest}.so"
     try:
+        digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+        target = cache_dir() / f"blockq-{digest}.so"  # Path.home() raises RuntimeError without a home
         if not target.exists():
             _build(target)
         lib = ctypes.CDLL(str(target))
-    except (OSError, subprocess.SubprocessError) as exc:
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         _state["why"] = f"torch path: {exc}"
         return None
     i64, p = ctypes.c_int64, ctypes.c_void_p
