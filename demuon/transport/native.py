@@ -3,11 +3,12 @@
 The wheel stays pure Python (one wheel for every architecture, docker/wheels.sh): the C source
 ships as package data, and the first stochastic block quantization in a process compiles it
 (``$CC`` or ``cc``, ``-O3``, no fast-math, no FP contraction) into a shared library under
-``$DEMUON_NATIVE_DIR`` (default ``$XDG_CACHE_HOME/demuon`` or ``~/.cache/demuon``), named by the
-source's hash and written atomically, so concurrent processes agree and a changed source
-rebuilds. Without a compiler, with an unwritable cache, or with ``DEMUON_NATIVE=0`` the torch path
-is used instead; :func:`status` says which and why. The native path gives the torch path's codes
-bit for bit (scales may differ in their last bits: docs/algorithms.md §7), so peers may mix them.
+``$DEMUON_NATIVE_DIR`` (default ``$XDG_CACHE_HOME/demuon`` or ``~/.cache/demuon``). The library is
+named by the hash of the source, the flags and the machine type, and written atomically, so
+concurrent processes agree and a changed source rebuilds. Without a compiler, with an unwritable
+cache, or with ``DEMUON_NATIVE=0`` the torch path is used instead; :func:`status` says which and
+why. The native path gives the torch path's codes bit for bit (scales may differ in their last
+bits: docs/algorithms.md §7), so peers may mix them.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -63,7 +65,8 @@ def _load() -> ctypes.CDLL | None:
         _state["why"] = "off (DEMUON_NATIVE=0)"
         return None
     try:
-        digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+        key = SOURCE.read_bytes() + " ".join((*FLAGS, platform.machine())).encode()  # a shared home
+        digest = hashlib.sha256(key).hexdigest()[:16]
         target = cache_dir() / f"blockq-{digest}.so"  # Path.home() raises RuntimeError without a home
         if not target.exists():
             _build(target)
