@@ -107,3 +107,59 @@ CLONES int demuon_stochastic_grid(const float *x, int64_t n, int64_t block, int3
     }
     return 0;
 }
+
+/* The stochastic scaled sign (kernels._stochastic_sign): entry i is negative (code 1) when
+ * k + 1/2 < x_i * slope, slope = fl(1/s) * -2^15, s = max|block| (1 for a zero block), k the
+ * signed 16-bit draw; the scale is ||block||^2 / (count s) (count: the block's real entries, d in
+ * all), 0 for a zero block, NaN for a block holding one. */
+CLONES int demuon_stochastic_sign(const float *x, int64_t n, int64_t d, int64_t block, uint64_t *state,
+                                  uint8_t *codes, float *scales) {
+    static _Thread_local int16_t draws[MAX_BLOCK];
+    if (block <= 0 || block > MAX_BLOCK || block % 8 || n % 8) return -1;
+    int64_t index = 0;
+    for (int64_t start = 0; start < n; start += block, index++) {
+        const int64_t len = (n - start < block) ? n - start : block;
+        const int64_t count = (d - start < block) ? d - start : block;
+        const float *b = x + start;
+        uint8_t *out = codes + start;
+        v4f top = {0}, energy = {0};
+        v4i nan = {0};
+        for (int64_t i = 0; i < len; i += W) {
+            v4f v;
+            LOAD(v, b + i);
+            energy += v * v;
+            const v4f a = FABS(v);
+            nan |= (a != a);
+            const v4i more = (a > top);
+            top = (v4f)((more & (v4i)a) | (~more & (v4i)top));
+        }
+        float peak = 0.0f;
+        int any_nan = 0;
+        double e = 0.0;
+        for (int l = 0; l < W; l++) {
+            peak = (top[l] > peak) ? top[l] : peak;
+            any_nan |= nan[l];
+            e += energy[l];
+        }
+        if (any_nan) peak = NAN;
+        for (int64_t j = 0; j < len / 4; j++) {
+            const uint64_t w = sfc64_next(state);
+            __builtin_memcpy(draws + 4 * j, &w, sizeof w);
+        }
+        const float safe = (peak > 0.0f) ? peak : 1.0f;
+        const float slope = (1.0f / safe) * -32768.0f;
+        const v4f sl = slope - (v4f){0};
+        for (int64_t i = 0; i < len; i += W) {
+            v4f v;
+            LOAD(v, b + i);
+            v4h k;
+            LOAD(k, draws + i);
+            const v4f u = __builtin_convertvector(__builtin_convertvector(k, v4i), v4f) + 0.5f;
+            const v4i neg = (u < v * sl); /* -1 where true */
+            const v4b code = __builtin_convertvector(-neg, v4b);
+            __builtin_memcpy(out + i, &code, sizeof code);
+        }
+        scales[index] = (peak > 0.0f) ? (float)(e / ((double)count * (double)safe)) : peak;
+    }
+    return 0;
+}

@@ -23,10 +23,11 @@ NumPy's SFC64 (also stream-stable, and a quarter faster than PCG64 again: 0.50 m
 per million entries, the largest single cost of that encode). Rand-K
 indices and the rank-K sketch use a seeded CPU ``torch.Generator`` (randperm / randn).
 
-**Compiled path**: stochastic rounding at 4 and 2 bits runs in C when the machine has a compiler
+**Compiled path**: stochastic rounding (4, 2 and 1 bit) runs in C when the machine has a compiler
 (``native``: ``_blockq.c``, built on first use; one pass per block, eight lanes, the same draws),
-with the torch code below as the fallback. Both give the same codes bit for bit; a block's scale
-is summed in another order there, so it can differ in its last bits (2e-7 relative measured).
+with the torch code below as the fallback (and for blocks over ``native.MAX_BLOCK``). Both give
+the same codes bit for bit; a block's scale is summed in another order there, so it can differ in
+its last bits (2e-7 relative measured).
 
 **Block quantization** (4, 2 or 1 bit, a float32 scale per block; ``codecs.BlockQuant`` states
 the rules and their contraction factors): blocks are rows of a 2-D view, so every step is one
@@ -479,23 +480,25 @@ def _stochastic_codes(
     """Stochastic codes and scales of :func:`blockq_encode`. The draws are consumed in order, so
     they are those of :func:`uniform16` ``(padded_length(d), seed)`` whatever the chunking."""
     gen = np.random.SFC64(seed & SEED_MASK)
-    if bits == 1:
-        scales.copy_(_stochastic_sign(xp, d, block, gen, codes))
-        return
-    lib = native.library()
+    lib = native.library() if block <= native.MAX_BLOCK else None
     if lib is None:
+        if bits == 1:
+            scales.copy_(_stochastic_sign(xp, d, block, gen, codes))
+            return
         scales.copy_(_stochastic_grid(xp, d, bits, block, gen, codes))
     else:  # the same codes in one compiled pass per block (demuon/transport/_blockq.c)
-        state = np.array(gen.state["state"]["state"], dtype=np.uint64)
-        lib.demuon_stochastic_grid(
-            xp.data_ptr(),
-            xp.numel(),
-            block,
-            quant_levels(bits),
-            state.ctypes.data,
-            codes.data_ptr(),
-            scales.data_ptr(),
-        )
+        state = np.array(gen.state["state"]["state"], dtype=np.uint64)  # kept alive: C advances it
+        src, words = (xp.data_ptr(), xp.numel()), state.ctypes.data
+        if bits == 1:
+            rc = lib.demuon_stochastic_sign(*src, d, block, words, codes.data_ptr(), scales.data_ptr())
+        else:
+            rc = lib.demuon_stochastic_grid(
+                *src, block, quant_levels(bits), words, codes.data_ptr(), scales.data_ptr()
+            )
+        if rc != 0:
+            raise RuntimeError(f"the compiled block quantization refused block={block} (returned {rc})")
+        if bits == 1:
+            return
     codes.sub_(quant_levels(bits) + 1)
 
 

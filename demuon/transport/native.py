@@ -26,6 +26,7 @@ from pathlib import Path
 SOURCE = Path(__file__).with_name("_blockq.c")
 FLAGS = ("-O3", "-shared", "-fPIC", "-fno-fast-math", "-ffp-contract=off")
 COMPILE_TIMEOUT_S = 120.0
+MAX_BLOCK = 65536  # the largest block the C functions take (_blockq.c); larger ones use torch
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "lib": CDLL | None, "why": str
@@ -77,6 +78,8 @@ def _load() -> ctypes.CDLL | None:
     i64, p = ctypes.c_int64, ctypes.c_void_p
     lib.demuon_stochastic_grid.argtypes = (p, i64, i64, ctypes.c_int32, p, p, p)
     lib.demuon_stochastic_grid.restype = ctypes.c_int
+    lib.demuon_stochastic_sign.argtypes = (p, i64, i64, i64, p, p, p)
+    lib.demuon_stochastic_sign.restype = ctypes.c_int
     lib.demuon_sfc64_fill.argtypes = (p, p, i64)
     lib.demuon_sfc64_fill.restype = None
     _state["why"] = f"native ({target})"

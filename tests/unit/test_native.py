@@ -47,7 +47,7 @@ def test_the_native_stream_is_numpys_sfc64() -> None:
         assert np.array_equal(out, np.random.SFC64(seed).random_raw(1000))
 
 
-@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("bits", [4, 2, 1])
 @pytest.mark.parametrize("block", [8, 16, 256])
 def test_native_codes_equal_the_torch_paths_bit_for_bit(bits: int, block: int) -> None:
     gen = torch.Generator().manual_seed(block + bits)
@@ -64,6 +64,17 @@ def test_native_codes_equal_the_torch_paths_bit_for_bit(bits: int, block: int) -
             assert fast_scales[finite].tolist() == pytest.approx(
                 slow_scales[finite].tolist(), rel=2e-6, abs=0
             )
+
+
+def test_blocks_larger_than_the_compiled_path_takes_use_the_torch_path(fresh: pytest.MonkeyPatch) -> None:
+    x = torch.randn(3 * native.MAX_BLOCK)
+    big = 2 * native.MAX_BLOCK
+    assert native.library() is not None, native.status()
+    compiled_process = kernels.blockq_encode(x, 4, big, 1)  # would raise if C were handed the block
+    fresh.setenv("DEMUON_NATIVE", "0")
+    native.reset()
+    torch_only = kernels.blockq_encode(x, 4, big, 1)
+    assert all(torch.equal(a, b) for a, b in zip(compiled_process, torch_only, strict=True))
 
 
 def test_decoding_a_native_payload_equals_decoding_the_torch_one() -> None:
