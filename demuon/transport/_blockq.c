@@ -46,19 +46,60 @@ typedef int8_t v4b __attribute__((vector_size(W)));
 #define LOAD(v, p) __builtin_memcpy(&(v), (p), sizeof(v))
 #define FABS(v) ((v4f)((v4i)(v) & 0x7fffffff))
 
+typedef int16_t v8s __attribute__((vector_size(16)));
+typedef int32_t v4s __attribute__((vector_size(16)));
+typedef uint8_t v8u __attribute__((vector_size(8)));
+typedef uint8_t v4u __attribute__((vector_size(4)));
+
+/* Codes plus L + 1 (1 ... 2L + 1) packed as kernels.pack_codes packs the codes: code i in bits
+ * [bits (i % k), bits (i % k + 1)) of byte i / k, k = 8 / bits, two's complement. Adding L + 1 =
+ * 2^(bits - 1) modulo 2^bits flips the top bit, so XOR with it gives the code's low bits. Reading
+ * k code bytes as one little-endian integer, shifts fold the fields together. */
+static inline void pack(const int8_t *codes, int64_t len, int bits, uint8_t *out) {
+    int64_t i = 0;
+    if (bits == 4) {
+        for (; i + 16 <= len; i += 16) {
+            v8s l;
+            LOAD(l, codes + i);
+            l ^= 0x0808;
+            const v8u p = __builtin_convertvector((l & 0x0F) | ((l >> 4) & 0xF0), v8u);
+            __builtin_memcpy(out + i / 2, &p, sizeof p);
+        }
+    } else {
+        for (; i + 16 <= len; i += 16) {
+            v4s l;
+            LOAD(l, codes + i);
+            l ^= 0x02020202;
+            const v4s f = (l & 0x03) | ((l >> 6) & 0x0C) | ((l >> 12) & 0x30) | ((l >> 18) & 0xC0);
+            const v4u p = __builtin_convertvector(f, v4u);
+            __builtin_memcpy(out + i / 4, &p, sizeof p);
+        }
+    }
+    const int k = 8 / bits, half = 1 << (bits - 1), mask = (1 << bits) - 1;
+    for (; i < len; i += k) { /* the last 8 codes of a block of 8 mod 16 */
+        unsigned v = 0;
+        for (int m = 0; m < k; m++) v |= (unsigned)((codes[i + m] ^ half) & mask) << (bits * m);
+        out[i / k] = (uint8_t)v;
+    }
+}
+
 /* x: n float32 (n a multiple of 8, zero-padded), blocks of `block` entries (a multiple of 8, at
- * most MAX_BLOCK; the last one holds the rest); codes: n int8, each code + levels + 1; scales: one
- * float32 per block. Returns 0, or -1 for a block size it does not take. */
+ * most MAX_BLOCK; the last one holds the rest), levels 7 (4 bits) or 1 (2 bits); packed: n bits / 8
+ * bytes (the packed codes); scales: one float32 per block. Returns 0, or < 0 for arguments it does
+ * not take. */
 CLONES int demuon_stochastic_grid(const float *x, int64_t n, int64_t block, int32_t levels, uint64_t *state,
-                           int8_t *codes, float *scales) {
+                                  uint8_t *packed, float *scales) {
     static _Thread_local int16_t draws[MAX_BLOCK];
+    static _Thread_local int8_t codes[MAX_BLOCK];
+    const int bits = (levels == 7) ? 4 : (levels == 1) ? 2 : 0;
+    if (!bits) return -2;
     if (block <= 0 || block > MAX_BLOCK || block % 8 || n % 8) return -1;
     const float offset = 32768.5f + 65536.0f * (float)(levels + 1);
     int64_t index = 0;
     for (int64_t start = 0; start < n; start += block, index++) {
         const int64_t len = (n - start < block) ? n - start : block;
         const float *b = x + start;
-        int8_t *out = codes + start;
+        int8_t *out = codes;
         v4f top = {0};
         v4i nan = {0};
         for (int64_t i = 0; i < len; i += W) {
@@ -104,6 +145,7 @@ CLONES int demuon_stochastic_grid(const float *x, int64_t n, int64_t block, int3
             var += (double)total[l] - (double)squares[l];
         }
         scales[index] = (e > 0.0) ? (float)((double)step * e / (e + var)) : step;
+        pack(codes, len, bits, packed + start / 8 * bits);
     }
     return 0;
 }

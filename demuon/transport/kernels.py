@@ -475,31 +475,36 @@ def _chunks(
 
 
 def _stochastic_codes(
-    xp: torch.Tensor, d: int, bits: int, block: int, seed: int, codes: torch.Tensor, scales: torch.Tensor
-) -> None:
-    """Stochastic codes and scales of :func:`blockq_encode`. The draws are consumed in order, so
-    they are those of :func:`uniform16` ``(padded_length(d), seed)`` whatever the chunking."""
+    xp: torch.Tensor, d: int, bits: int, block: int, seed: int, scales: torch.Tensor
+) -> torch.Tensor:
+    """The packed stochastic codes of :func:`blockq_encode`, scales into ``scales``. The draws are
+    consumed in order, so they are those of :func:`uniform16` ``(padded_length(d), seed)`` whatever
+    the chunking and whichever path (compiled or torch) runs."""
+    n = xp.numel()
     gen = np.random.SFC64(seed & SEED_MASK)
     lib = native.library() if block <= native.MAX_BLOCK else None
-    if lib is None:
-        if bits == 1:
-            scales.copy_(_stochastic_sign(xp, d, block, gen, codes))
-            return
-        scales.copy_(_stochastic_grid(xp, d, bits, block, gen, codes))
-    else:  # the same codes in one compiled pass per block (demuon/transport/_blockq.c)
+    if lib is not None:  # the same codes in one compiled pass per block (demuon/transport/_blockq.c)
         state = np.array(gen.state["state"]["state"], dtype=np.uint64)  # kept alive: C advances it
-        src, words = (xp.data_ptr(), xp.numel()), state.ctypes.data
+        src, words = (xp.data_ptr(), n), state.ctypes.data
         if bits == 1:
-            rc = lib.demuon_stochastic_sign(*src, d, block, words, codes.data_ptr(), scales.data_ptr())
+            signs = torch.empty(n, dtype=torch.bool)
+            rc = lib.demuon_stochastic_sign(*src, d, block, words, signs.data_ptr(), scales.data_ptr())
+            packed = pack_bits(signs)
         else:
+            packed = torch.empty(n * bits // 8, dtype=torch.uint8)
             rc = lib.demuon_stochastic_grid(
-                *src, block, quant_levels(bits), words, codes.data_ptr(), scales.data_ptr()
+                *src, block, quant_levels(bits), words, packed.data_ptr(), scales.data_ptr()
             )
         if rc != 0:
-            raise RuntimeError(f"the compiled block quantization refused block={block} (returned {rc})")
-        if bits == 1:
-            return
-    codes.sub_(quant_levels(bits) + 1)
+            raise RuntimeError(f"the compiled block quantization refused bits={bits} block={block} ({rc})")
+        return packed
+    if bits == 1:
+        signs = torch.empty(n, dtype=torch.bool)
+        scales.copy_(_stochastic_sign(xp, d, block, gen, signs))
+        return pack_bits(signs)
+    codes = torch.empty(n, dtype=torch.int8)
+    scales.copy_(_stochastic_grid(xp, d, bits, block, gen, codes))
+    return pack_codes(codes.sub_(quant_levels(bits) + 1), bits)
 
 
 def blockq_encode(
@@ -516,16 +521,15 @@ def blockq_encode(
     n = padded_length(d)
     xp = x if n == d else torch.cat((x, x.new_zeros(n - d)))
     scales = torch.empty(-(-d // block), dtype=torch.float32)
-    codes = torch.empty(n, dtype=torch.bool if bits == 1 else torch.int8)
     if seed is not None:
-        _stochastic_codes(xp, d, bits, block, seed, codes, scales)
-    else:
-        for (rows, A, count), (_, out, _) in zip(
-            quant_pieces(xp, d, block), quant_pieces(codes, d, block), strict=True
-        ):
-            scales[rows] = (
-                _sign_bits(A, count, out.numpy()) if bits == 1 else _grid_codes(A, quant_levels(bits), out)
-            )
+        return _stochastic_codes(xp, d, bits, block, seed, scales), scales
+    codes = torch.empty(n, dtype=torch.bool if bits == 1 else torch.int8)
+    for (rows, A, count), (_, out, _) in zip(
+        quant_pieces(xp, d, block), quant_pieces(codes, d, block), strict=True
+    ):
+        scales[rows] = (
+            _sign_bits(A, count, out.numpy()) if bits == 1 else _grid_codes(A, quant_levels(bits), out)
+        )
     return (pack_bits(codes) if bits == 1 else pack_codes(codes, bits)), scales
 
 
