@@ -264,9 +264,8 @@ def plot(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
         if own is not None:
             ax.axhline(own["target_val_loss"], color="grey", ls="--", lw=0.8, label="target")
         ax.set_xscale("log")
-        ax.set_ylim(
-            top=min(ax.get_ylim()[1], 2.4)
-        )  # the first evaluations are alike: keep the finish legible
+        # the first evaluations are alike: cut them so the finish is legible
+        ax.set_ylim(top=min(ax.get_ylim()[1], 2.4))
         ax.set_xlabel("MB sent per peer (log)")
         ax.set_ylabel("validation loss of the averaged model")
         ax.set_title(graph if graph != "server" else "server (EF21-Muon) vs ring uncompressed")

@@ -1,5 +1,6 @@
 /* Stochastic block quantization in one pass per block (see demuon/transport/kernels.py,
- * _stochastic_grid, for the rules; demuon/transport/native.py builds and loads this file).
+ * _stochastic_grid and _stochastic_sign, for the rules; demuon/transport/native.py builds and
+ * loads this file).
  *
  * The same arithmetic as the torch path, entry by entry: y = x / divisor (float32), the draws of
  * NumPy's SFC64 stream read as little-endian int16 lanes, u = k + 2^15 + 1/2 + 2^16 (L + 1)
@@ -27,11 +28,11 @@ void demuon_sfc64_fill(uint64_t *state, uint64_t *out, int64_t n) {
 
 /* GCC / Clang vector extensions: eight lanes (two SSE2 or NEON registers without any -m flag, one
  * AVX2 register in the AVX2 clone), the same IEEE operations lane by lane as scalar code. */
-#define W 8 /* lanes */
-typedef float v4f __attribute__((vector_size(4 * W)));
-typedef int32_t v4i __attribute__((vector_size(4 * W)));
-typedef int16_t v4h __attribute__((vector_size(2 * W)));
-typedef int8_t v4b __attribute__((vector_size(W)));
+#define W 8 /* lanes of vf, vi, vh, vb */
+typedef float vf __attribute__((vector_size(4 * W)));
+typedef int32_t vi __attribute__((vector_size(4 * W)));
+typedef int16_t vh __attribute__((vector_size(2 * W)));
+typedef int8_t vb __attribute__((vector_size(W)));
 
 /* On x86-64 an AVX2 clone is picked at load time where the CPU has it (GCC's ifunc dispatch). */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -44,7 +45,7 @@ typedef int8_t v4b __attribute__((vector_size(W)));
 
 /* Macros, not functions: a vector passed by value would change the ABI between the clones. */
 #define LOAD(v, p) __builtin_memcpy(&(v), (p), sizeof(v))
-#define FABS(v) ((v4f)((v4i)(v) & 0x7fffffff))
+#define FABS(v) ((vf)((vi)(v) & 0x7fffffff))
 
 typedef int16_t v8s __attribute__((vector_size(16)));
 typedef int32_t v4s __attribute__((vector_size(16)));
@@ -100,15 +101,15 @@ CLONES int demuon_stochastic_grid(const float *x, int64_t n, int64_t block, int3
         const int64_t len = (n - start < block) ? n - start : block;
         const float *b = x + start;
         int8_t *out = codes;
-        v4f top = {0};
-        v4i nan = {0};
+        vf top = {0};
+        vi nan = {0};
         for (int64_t i = 0; i < len; i += W) {
-            v4f a;
+            vf a;
             LOAD(a, b + i);
             a = FABS(a);
             nan |= (a != a);
-            const v4i more = (a > top);
-            top = (v4f)((more & (v4i)a) | (~more & (v4i)top));
+            const vi more = (a > top);
+            top = (vf)((more & (vi)a) | (~more & (vi)top));
         }
         float peak = 0.0f;
         int any_nan = 0;
@@ -122,21 +123,21 @@ CLONES int demuon_stochastic_grid(const float *x, int64_t n, int64_t block, int3
         }
         const float step = any_nan ? NAN : peak / (float)levels;
         const float divisor = (step == 0.0f) ? 1.0f : step;
-        const v4f d = divisor - (v4f){0}; /* broadcast */
-        v4f energy = {0}, total = {0}, squares = {0};
+        const vf d = divisor - (vf){0}; /* broadcast */
+        vf energy = {0}, total = {0}, squares = {0};
         for (int64_t i = 0; i < len; i += W) {
-            v4f xi;
+            vf xi;
             LOAD(xi, b + i);
-            const v4f y = xi / d;
-            const v4f f = FABS(y - __builtin_convertvector(__builtin_convertvector(y, v4i), v4f));
+            const vf y = xi / d;
+            const vf f = FABS(y - __builtin_convertvector(__builtin_convertvector(y, vi), vf));
             energy += y * y;
             total += f;
             squares += f * f;
-            v4h k;
+            vh k;
             LOAD(k, draws + i);
-            const v4f u = __builtin_convertvector(__builtin_convertvector(k, v4i), v4f) + offset;
-            const v4i c = __builtin_convertvector(y + u * 0x1p-16f, v4i); /* truncation = floor: > 0 */
-            const v4b code = __builtin_convertvector(c, v4b);
+            const vf u = __builtin_convertvector(__builtin_convertvector(k, vi), vf) + offset;
+            const vi c = __builtin_convertvector(y + u * 0x1p-16f, vi); /* truncation = floor: > 0 */
+            const vb code = __builtin_convertvector(c, vb);
             __builtin_memcpy(out + i, &code, sizeof code);
         }
         double e = 0.0, var = 0.0;
@@ -164,16 +165,16 @@ CLONES int demuon_stochastic_sign(const float *x, int64_t n, int64_t d, int64_t 
         const int64_t count = (d - start < block) ? d - start : block;
         const float *b = x + start;
         uint8_t *out = codes + start;
-        v4f top = {0}, energy = {0};
-        v4i nan = {0};
+        vf top = {0}, energy = {0};
+        vi nan = {0};
         for (int64_t i = 0; i < len; i += W) {
-            v4f v;
+            vf v;
             LOAD(v, b + i);
             energy += v * v;
-            const v4f a = FABS(v);
+            const vf a = FABS(v);
             nan |= (a != a);
-            const v4i more = (a > top);
-            top = (v4f)((more & (v4i)a) | (~more & (v4i)top));
+            const vi more = (a > top);
+            top = (vf)((more & (vi)a) | (~more & (vi)top));
         }
         float peak = 0.0f;
         int any_nan = 0;
@@ -190,15 +191,15 @@ CLONES int demuon_stochastic_sign(const float *x, int64_t n, int64_t d, int64_t 
         }
         const float safe = (peak > 0.0f) ? peak : 1.0f;
         const float slope = (1.0f / safe) * -32768.0f;
-        const v4f sl = slope - (v4f){0};
+        const vf sl = slope - (vf){0};
         for (int64_t i = 0; i < len; i += W) {
-            v4f v;
+            vf v;
             LOAD(v, b + i);
-            v4h k;
+            vh k;
             LOAD(k, draws + i);
-            const v4f u = __builtin_convertvector(__builtin_convertvector(k, v4i), v4f) + 0.5f;
-            const v4i neg = (u < v * sl); /* -1 where true */
-            const v4b code = __builtin_convertvector(-neg, v4b);
+            const vf u = __builtin_convertvector(__builtin_convertvector(k, vi), vf) + 0.5f;
+            const vi neg = (u < v * sl); /* -1 where true */
+            const vb code = __builtin_convertvector(-neg, vb);
             __builtin_memcpy(out + i, &code, sizeof code);
         }
         scales[index] = (peak > 0.0f) ? (float)(e / ((double)count * (double)safe)) : peak;

@@ -387,7 +387,8 @@ class Int8:
     ``deflate``: the codes travel losslessly compressed (:func:`~demuon.transport.kernels.deflate`,
     their byte count in meta ``n``). A grid scaled by the largest entry puts most codes near 0, so
     on the GPT's tracker messages they take 0.64 of int8's bytes (5.1 bits per entry) at the same
-    values; it costs about 20 ms per million entries each way on one core, for slow links."""
+    values. It costs about 18 ms per million entries to compress and 6 to inflate on one core:
+    for slow links."""
 
     per_row: bool = False
     deflate: bool = False
@@ -437,50 +438,50 @@ class Int8:
 @dataclass(frozen=True)
 class BlockQuant:
     """Block-wise quantization to ``bits`` ∈ {4, 2, 1} with one float32 scale per block of
-        ``block`` = B entries (a multiple of 8) of the flat tensor; the last block may be partial, its
-        codes padded to a multiple of 8. Codes travel packed ``8/bits`` to a byte (two's complement,
-        low bits first), the scales as float32 (bfloat16 scales would save 2 bytes a block but add a
-        2^-8 relative error to every entry). Payload ``⌈d/8⌉·bits + 4⌈d/B⌉`` bytes: 4.125, 2.125 and
-        1.125 bits per entry at B = 256 (7.8×, 15× and 28× fewer than float32). Computed in float32
-        (float64 inputs are rounded to float32 first); decoding is elementwise, so bit-identical
-        everywhere. NaN or ±inf in a block make its scale, so every value decoded from that block,
-        non-finite: the receiver's finiteness check rejects the message.
+    ``block`` = B entries (a multiple of 8) of the flat tensor; the last block may be partial, its
+    codes padded to a multiple of 8. Codes travel packed ``8/bits`` to a byte (two's complement,
+    low bits first), the scales as float32 (bfloat16 scales would save 2 bytes a block but add a
+    2^-8 relative error to every entry). Payload ``⌈d/8⌉·bits + 4⌈d/B⌉`` bytes: 4.125, 2.125 and
+    1.125 bits per entry at B = 256 (7.8×, 15× and 28× fewer than float32). Computed in float32
+    (float64 inputs are rounded to float32 first); decoding is elementwise, so bit-identical
+    everywhere. NaN or ±inf in a block make its scale, so every value decoded from that block,
+    non-finite: the receiver's finiteness check rejects the message.
 
-        Per block ``x_b`` of ``n ≤ B`` entries: ``s = max|x_b|``, ``L = 2^(bits−1) − 1`` (7 for 4 bits;
-        1 for 2 bits, i.e. ternary, three of the four codes used), step ``Δ = s/L``.
+    Per block ``x_b`` of ``n ≤ B`` entries: ``s = max|x_b|``, ``L = 2^(bits−1) − 1`` (7 for 4 bits;
+    1 for 2 bits, i.e. ternary, three of the four codes used), step ``Δ = s/L``.
 
-        * **Deterministic, bits ≥ 2** (the default): ``C(x)_i = Δ·round(x_i/Δ)``, biased. The largest
-          entry is exact and every other one is off by at most ``min(Δ/2, |x_i|)`` (0 is on the grid),
-          so ``‖C(x_b) − x_b‖² ≤ Σ_{i≠max} min(Δ²/4, x_i²)`` while ``‖x_b‖² = s² + Σ_{i≠max} x_i²``;
-          the ratio is largest with every other entry at ``Δ/2``, ``(B − 1)/(4L² + B − 1)``, hence
-          ``α = 4L²/(4L² + B − 1)``: 0.435 (4 bits) and 0.0154 (2 bits) at B = 256 (for blocks whose
-          maximum is a normal float32). Gaussian blocks do far better: α ≈ 0.984 and 0.35.
-        * **Deterministic, 1 bit**: the scaled sign ``C(x)_i = m·sign(x_i)``, ``m = ‖x_b‖₁/n`` (the
-          sign bit, so −0.0 counts as negative). ``‖C(x_b) − x_b‖² = ‖x_b‖² − ‖x_b‖₁²/n`` exactly, so
-          ``α_b = ‖x_b‖₁²/(n‖x_b‖²) ≥ 1/n``: ``α = 1/B`` at worst (one nonzero entry), 2/π ≈ 0.64 on
-          Gaussian blocks.
-        * **Stochastic, bits ≥ 2**: ``Q_i = Δ·⌊x_i/Δ + u_i⌋`` with ``u_i`` uniform on the midpoints
-          of the 2^-16 grid (:func:`~demuon.transport.kernels.uniform16` of ``seed``): unbiased to
-          within 2^-17 of a step, ``Var Q_i = Δ²f_i(1 − f_i)`` (``f_i`` the fractional part of
-          ``x_i/Δ``), so ``E‖Q − x_b‖² = ω_b‖x_b‖²``, ``ω_b = Σ f_i(1 − f_i)/Σ (x_i/Δ)²``. With the
-          maximum exact, the ratio is largest with every other entry at ``t·Δ``,
-          ``t = (√(1 + r) − 1)/r``, ``r = (B − 1)/L²``: ``ω_b ≤ ω = (√(1 + r) − 1)/2``, 0.745 (4 bits)
-          and 7.5 (2 bits) at B = 256. Sent unscaled, ω > 1 would make the replica error grow, so
-          **the codec scales**: each block travels as ``C = Q/(1 + ω_b)`` (its step shrunk), the
-          least-squares multiple of ``Q``: ``E C = x_b/(1 + ω_b)`` and ``E‖C − x_b‖² =
-          ω_b/(1 + ω_b)·‖x_b‖²``, so ``α = 1/(1 + ω)``: 0.573 (4 bits) and 0.118 (2 bits); on Gaussian
-          blocks ``1/(1 + ω_b)`` ≈ 0.97 and 0.41. ``omega`` is the ω of the unscaled ``Q``.
-        * **Stochastic, 1 bit**: ``Q_i = ±s`` with ``P(+) = (1 + x_i/s)/2``: unbiased, ``Var Q_i =
-          s² − x_i²``, ``ω_b = n s²/‖x_b‖² − 1 ≤ B − 1``; scaled the same way, ``C_i = ±‖x_b‖²/(n s)``
-          and ``α_b = ‖x_b‖²/(n s²) ≥ 1/B`` (about 0.11 on Gaussian blocks, far below the
-          deterministic scaled sign's 0.64).
+    * **Deterministic, bits ≥ 2** (the default): ``C(x)_i = Δ·round(x_i/Δ)``, biased. The largest
+      entry is exact and every other one is off by at most ``min(Δ/2, |x_i|)`` (0 is on the grid),
+      so ``‖C(x_b) − x_b‖² ≤ Σ_{i≠max} min(Δ²/4, x_i²)`` while ``‖x_b‖² = s² + Σ_{i≠max} x_i²``;
+      the ratio is largest with every other entry at ``Δ/2``, ``(B − 1)/(4L² + B − 1)``, hence
+      ``α = 4L²/(4L² + B − 1)``: 0.435 (4 bits) and 0.0154 (2 bits) at B = 256 (for blocks whose
+      maximum is a normal float32). Gaussian blocks do far better: α ≈ 0.984 and 0.35.
+    * **Deterministic, 1 bit**: the scaled sign ``C(x)_i = m·sign(x_i)``, ``m = ‖x_b‖₁/n`` (the
+      sign bit, so −0.0 counts as negative). ``‖C(x_b) − x_b‖² = ‖x_b‖² − ‖x_b‖₁²/n`` exactly, so
+      ``α_b = ‖x_b‖₁²/(n‖x_b‖²) ≥ 1/n``: ``α = 1/B`` at worst (one nonzero entry), 2/π ≈ 0.64 on
+      Gaussian blocks.
+    * **Stochastic, bits ≥ 2**: ``Q_i = Δ·⌊x_i/Δ + u_i⌋`` with ``u_i`` uniform on the midpoints
+      of the 2^-16 grid (:func:`~demuon.transport.kernels.uniform16` of ``seed``): unbiased to
+      within 2^-17 of a step, ``Var Q_i = Δ²f_i(1 − f_i)`` (``f_i`` the fractional part of
+      ``x_i/Δ``), so ``E‖Q − x_b‖² = ω_b‖x_b‖²``, ``ω_b = Σ f_i(1 − f_i)/Σ (x_i/Δ)²``. With the
+      maximum exact, the ratio is largest with every other entry at ``t·Δ``,
+      ``t = (√(1 + r) − 1)/r``, ``r = (B − 1)/L²``: ``ω_b ≤ ω = (√(1 + r) − 1)/2``, 0.745 (4 bits)
+      and 7.5 (2 bits) at B = 256. Sent unscaled, ω > 1 would make the replica error grow, so
+      **the codec scales**: each block travels as ``C = Q/(1 + ω_b)`` (its step shrunk), the
+      least-squares multiple of ``Q``: ``E C = x_b/(1 + ω_b)`` and ``E‖C − x_b‖² =
+      ω_b/(1 + ω_b)·‖x_b‖²``, so ``α = 1/(1 + ω)``: 0.573 (4 bits) and 0.118 (2 bits); on Gaussian
+      blocks ``1/(1 + ω_b)`` ≈ 0.97 and 0.41. ``omega`` is the ω of the unscaled ``Q``.
+    * **Stochastic, 1 bit**: ``Q_i = ±s`` with ``P(+) = (1 + x_i/s)/2``: unbiased, ``Var Q_i =
+      s² − x_i²``, ``ω_b = n s²/‖x_b‖² − 1 ≤ B − 1``; scaled the same way, ``C_i = ±‖x_b‖²/(n s)``
+      and ``α_b = ‖x_b‖²/(n s²) ≥ 1/B`` (about 0.11 on Gaussian blocks, far below the
+      deterministic scaled sign's 0.64).
 
-        ``encode`` is a function of ``(x, seed)``. The scales of the 1-bit and the stochastic variants
-        are float sums over a block: reproducible on one machine, and every holder of a replica
-        applies the same payload, but another CPU, or the compiled path of the stochastic variants
-    (``kernels``), might round a scale differently. Suggested
-        consensus steps (``gossip.gamma``), the best of a sweep on 8 peers (docs/algorithms.md §7):
-        :data:`BLOCKQ_GAMMA`, 1.0 (4 bits), 0.4 (2 bits), 0.6 (1 bit); stochastic 1.0, 0.5, 0.1."""
+    ``encode`` is a function of ``(x, seed)``. The scales of the 1-bit and the stochastic variants
+    are float sums over a block: reproducible on one machine, and every holder of a replica
+    applies the same payload, but another CPU, or the compiled path of the stochastic variants
+    (``kernels``), might round a scale differently. Suggested consensus steps (``gossip.gamma``),
+    the best of a sweep on 8 peers (docs/algorithms.md §7):
+    :data:`BLOCKQ_GAMMA`, 1.0 (4 bits), 0.4 (2 bits), 0.6 (1 bit); stochastic 1.0, 0.5, 0.1."""
 
     bits: int = 4
     block: int = 256
